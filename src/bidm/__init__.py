@@ -1,0 +1,1 @@
+"""bidm: fully binarized (W1A1) diffusion models."""
