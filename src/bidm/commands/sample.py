@@ -1,0 +1,49 @@
+"""`bidm sample`: DDIM samples from a trained run (FP, binarized, or a packed export) as .npz + PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sample", help="sample a trained model with DDIM", description=__doc__)
+    p.add_argument("model", help="run directory / checkpoint.safetensors, or a packed .safetensors from `bidm export`")
+    p.add_argument("--n", type=int, help="number of images (default: sample.n of the run's config)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, help="DDIM steps (default 100)")
+    p.add_argument("--eta", type=float)
+    p.add_argument("--skip", choices=["uniform", "quad"])
+    p.add_argument("--seed", type=int, help="x_T seed; the same seed gives every model the same x_T")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--out", help="output directory (default: the run directory)")
+    p.set_defaults(func=main)
+
+
+def load_any(path: str, use_ema: bool = True):
+    """A bidm checkpoint or a packed export -> (model, config)."""
+    from bidm.models import load_model
+
+    p = Path(path)
+    if p.is_file() and p.name != "checkpoint.safetensors":
+        from bidm.export import is_packed_file, load_packed
+
+        if is_packed_file(p):
+            return load_packed(p)
+    return load_model(path, use_ema=use_ema)
+
+
+def main(args) -> int:
+    from bidm.npz_io import save_grid, save_samples_npz
+    from bidm.sample import generate
+
+    model, cfg = load_any(args.model, use_ema=not args.raw)
+    images = generate(
+        model, cfg, n=args.n, batch_size=args.batch_size, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed
+    )
+    src = Path(args.model)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    save_samples_npz(out / "samples.npz", images)
+    save_grid(images[:64], out / "samples.png")
+    print(f"{len(images)} samples: {out / 'samples.npz'}, grid: {out / 'samples.png'}")
+    return 0

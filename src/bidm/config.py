@@ -1,0 +1,198 @@
+"""Typed configuration: nested dataclasses with defaults, YAML files holding overrides only, ``a.b=value`` overrides
+from the command line. An unknown key or a value of the wrong type is an error. The resolved config is saved next to
+every checkpoint (``config.yaml``) and inside it, and models are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bidm.errors import ConfigError
+from bidm.unet import UNetConfig
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | folder
+    path: str | None = None  # cifar10 .npz / directory, image folder
+    split: str = "train"
+    size: int = 16  # images are resized to size x size
+    channels: int = 1  # digits only: 1 or 3
+    limit: int | None = None  # keep the first N images (after a seeded shuffle)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear (DDPM/DDIM) | sqrt_linear (LDM)
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-4
+    optimizer: str = "adam"  # adam (DDIM CIFAR recipe) | adamw (LDM recipe, weight decay 0.01)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    loss_reduction: str = "mean"  # mean (LDM) | sum (DDIM repo / BiDM CIFAR code: sum over pixels)
+    loss_kind: str = "l2"  # l2 | l1 (LSUN-Churches)
+    log_every: int = 25
+    ckpt_every: int = 500
+    mixed_precision: str = "no"  # passed to accelerate: no | fp16 | bf16
+
+
+@dataclass
+class BinarizeConfig:
+    method: str = "none"  # "none" trains/holds an FP model; else a key of bidm.METHODS
+    options: dict = field(default_factory=dict)  # keyword options of the method's layer factory
+    teacher: str | None = None  # FP teacher: a bidm run dir / checkpoint, an official .ckpt, or a diffusers dir
+    # TBS cross-timestep connection (BiDM only by default; see bidm.tbs)
+    tbs: bool = True
+    tbs_blocks: int = 8  # the last n output blocks are mixed (paper: 8; 0 = off)
+    tbs_alpha_init: float = 0.3  # paper 0.3; official CIFAR code 0.0
+    train_cache: str = "t+1"  # t+1 (official) | sampler (cache from t + T/steps, matches sampling)
+    # distillation
+    feature_loss: str = "spd"  # spd | l2 | none (BiDM default spd; baselines none)
+    spd_lambda: float = 1e-2  # code & paper App. A (LDM); paper CIFAR 3e-2; paper text "4"
+    spd_p: int = 4
+    output_kd: float = 0.0  # weight of an optional MSE to the teacher's eps (not in the paper)
+    antithetic: bool = False  # CIFAR code draws half t and half T-1-t
+
+
+@dataclass
+class SampleConfig:
+    n: int = 64
+    batch_size: int = 64
+    steps: int = 100
+    eta: float = 0.0
+    skip: str = "uniform"
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    binarize: BinarizeConfig = field(default_factory=BinarizeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if hint is type(None) or type(None) in args:
+            return None
+        raise ConfigError(f"{where}: null is not allowed")
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "diffusers_config"):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (so 3, 1e-4, true, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    if isinstance(value, str) and raw.strip().lower() in ("none", "null"):
+        value = None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None):
+    """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file <- ``overrides``."""
+    values: dict = dict(base or {})
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of overrides, got {type(loaded).__name__}")
+        values = _deep_merge(values, loaded)
+    for text in overrides:
+        values = _deep_merge(values, parse_override(text))
+    return _build(Config, values, "")
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(values: dict) -> Config:
+    return _build(Config, values, "")
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    from bidm.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,136 @@
+"""Datasets: one builder per dataset, each returning (images float32 NCHW in [-1, 1], labels int64 or None).
+
+``digits``   scikit-learn's bundled 8x8 handwritten digits (1797 images, offline), resized; the built-in default.
+``cifar10``  the official python-pickle directory (``cifar-10-batches-py``) or an ``.npz`` with ``images`` uint8
+             [N,32,32,3] and ``labels`` (the format of shared/data/cifar10), optionally resized (16 for CPU runs).
+``folder``   any image folder (LSUN/FFHQ style), center-cropped and resized.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bidm.diffusion import resize
+from bidm.errors import DataError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _uint8_nhwc_to_tensor(images: np.ndarray, size: int | None) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return resize(x, size).clamp(-1, 1) if size else x
+
+
+def load_digits(size: int = 16, channels: int = 1, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits (values 0..16) scaled to [-1, 1] and resized bilinearly to size x size."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.from_numpy(bunch.images).float()[:, None] / 8.0 - 1.0  # [1797, 1, 8, 8]
+    x = resize(x, size).clamp(-1, 1)
+    if channels == 3:
+        x = x.repeat(1, 3, 1, 1)
+    elif channels != 1:
+        raise DataError(f"digits supports channels 1 or 3, got {channels}")
+    return x, torch.from_numpy(bunch.target).long()
+
+
+def _read_cifar_pickles(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        file = directory / name
+        if not file.is_file():
+            raise DataError(f"CIFAR-10 batch {file} missing; expected the extracted cifar-10-batches-py directory")
+        with open(file, "rb") as fh:
+            # The official archive is a pickle of numpy arrays; read only from a directory the user points to.
+            batch = pickle.load(fh, encoding="latin1")  # noqa: S301
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_npz(file: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            key = "images" if "images" in z else "arr_0" if "arr_0" in z else None
+            if key is None:
+                raise DataError(f"{file} has no 'images' (or 'arr_0') array; keys: {sorted(z.files)}")
+            images = z[key]
+            labels = z["labels"].astype(np.int64) if "labels" in z else None
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {file} as .npz: {err}") from err
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{file}: expected uint8 images [N,H,W,3], got {images.dtype} {images.shape}")
+    return images, labels
+
+
+def load_cifar10(path: str | None = None, split: str = "train", size: int | None = None, **_):
+    """CIFAR-10 from ``path``: a directory holding ``{split}.npz`` or ``cifar-10-batches-py``, or a file."""
+    if not path:
+        raise DataError(
+            "cifar10 needs data.path: a .npz with uint8 'images' [N,32,32,3] + 'labels', a directory with "
+            "train.npz/test.npz, or the extracted cifar-10-batches-py directory (`bidm.data.download_cifar10(DIR)`)"
+        )
+    p = Path(path)
+    if p.is_file():
+        images, labels = _read_npz(p)
+    elif (p / f"{split}.npz").is_file():
+        images, labels = _read_npz(p / f"{split}.npz")
+    elif (p / "data_batch_1").is_file() or (p / "test_batch").is_file():
+        images, labels = _read_cifar_pickles(p, split)
+    elif (p / "cifar-10-batches-py").is_dir():
+        images, labels = _read_cifar_pickles(p / "cifar-10-batches-py", split)
+    else:
+        raise DataError(f"no CIFAR-10 data at {p}: expected {split}.npz, a .npz file or cifar-10-batches-py/")
+    y = torch.from_numpy(labels) if labels is not None else None
+    return _uint8_nhwc_to_tensor(images, size), y
+
+
+def load_folder(path: str | None = None, size: int = 64, limit: int | None = None, **_):
+    """Every image under ``path`` (recursively, sorted), center-cropped to a square and resized to ``size``."""
+    from PIL import Image
+
+    if not path or not Path(path).is_dir():
+        raise DataError(f"folder dataset needs data.path to be an image directory, got {path!r}")
+    files = sorted(f for f in Path(path).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    files = files[:limit] if limit else files
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        img = Image.open(f).convert("RGB")
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+        out[i] = np.asarray(img)
+    return _uint8_nhwc_to_tensor(out, None), None
+
+
+DATASETS = {"digits": load_digits, "cifar10": load_cifar10, "folder": load_folder}
+
+
+def load_dataset(name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images float32 [N, C, H, W] in [-1, 1] and labels (or None). Keyword args go to the builder."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    return DATASETS[name](**kwargs)
+
+
+def download_cifar10(directory: str | Path) -> Path:
+    """Fetch and extract the official python archive (machines with internet only; never used by tests)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = directory / "cifar-10-python.tar.gz"
+    if not archive.exists():
+        urllib.request.urlretrieve(CIFAR10_URL, archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(directory, filter="data")
+    return directory / "cifar-10-batches-py"

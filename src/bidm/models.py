@@ -1,0 +1,82 @@
+"""Build models from a resolved config and load them back: FP teachers (bidm runs, official DDIM checkpoints,
+diffusers directories) and binarized students (the FP UNet after `binarize_`, wrapped by TBS for BiDM)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bidm import checkpoint
+from bidm.config import Config, from_dict
+from bidm.errors import CheckpointError
+from bidm.unet import DiffusersUNet, UNetConfig, build_unet, read_official_state_dict, load_state_dict_reporting
+
+
+def uses_tbs(cfg: Config) -> bool:
+    b = cfg.binarize
+    return b.method == "bidm" and b.tbs and b.tbs_blocks > 0
+
+
+def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
+    """The student: ``binarize_`` on the given FP UNet (in place), plus the TBS wrapper for BiDM."""
+    from bidm.binarize import binarize_
+
+    binarize_(unet, cfg.binarize.method, **cfg.binarize.options)
+    if uses_tbs(cfg):
+        from bidm.tbs import CrossTimestep
+
+        b = cfg.binarize
+        return CrossTimestep(
+            unet, n_blocks=b.tbs_blocks, alpha_init=b.tbs_alpha_init, num_timesteps=cfg.diffusion.num_timesteps
+        )
+    return unet
+
+
+def build_model(cfg: Config) -> nn.Module:
+    unet = build_unet(cfg.model)
+    return unet if cfg.binarize.method == "none" else binarize_unet(unet, cfg)
+
+
+def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[nn.Module, Config]:
+    """Rebuild a trained model (teacher or student) from its checkpoint; returns (model in eval mode, config)."""
+    ck = checkpoint.load(path)
+    cfg = from_dict(ck.config)
+    model = build_model(cfg)
+    load_state_dict_reporting(model, ck.weights(use_ema), source=str(ck.path))
+    return model.eval(), cfg
+
+
+def load_teacher(spec: str | Path, model_cfg: UNetConfig) -> tuple[nn.Module, UNetConfig]:
+    """The frozen FP teacher from a bidm run/checkpoint, an official DDIM ``.ckpt`` or a diffusers directory.
+
+    Returns (teacher in eval mode with grads off, the UNetConfig the student must use).
+    """
+    spec = Path(spec)
+    if (spec / "config.json").is_file():
+        teacher = DiffusersUNet.from_pretrained(spec)
+    elif checkpoint.resolve(spec).is_file() and checkpoint.resolve(spec).suffix == ".safetensors":
+        teacher, cfg = load_model(spec, use_ema=True)
+        if cfg.binarize.method != "none":
+            raise CheckpointError(f"{spec} is a binarized ({cfg.binarize.method}) model, not an FP teacher")
+    elif spec.is_file():
+        teacher = build_unet(model_cfg)
+        load_state_dict_reporting(teacher, read_official_state_dict(spec), source=str(spec))
+    else:
+        raise CheckpointError(
+            f"teacher {spec} not found: give a bidm run directory (from `bidm train`), an official DDIM "
+            "CIFAR-10 .ckpt (pesser/pytorch_diffusion model-790000.ckpt), or a diffusers UNet2DModel directory"
+        )
+    teacher.eval().requires_grad_(False)
+    return teacher, teacher.config
+
+
+def student_from_teacher(teacher: nn.Module, cfg: Config) -> nn.Module:
+    """A binarized copy of the teacher: its latent weights start equal to the teacher's weights."""
+    return binarize_unet(copy.deepcopy(teacher).requires_grad_(True).train(), cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

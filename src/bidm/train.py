@@ -1,0 +1,187 @@
+"""The one training loop (FP teachers and binarized students alike), on HF Accelerate.
+
+The loop knows nothing about binarization: it calls an *objective* ``objective(model, x0, generator) -> (loss,
+logs)``, steps Adam/AdamW with gradient clipping, updates an EMA, logs (tqdm, TensorBoard, ``log.jsonl``) and
+checkpoints atomically. Exact resume: every random draw of step k comes from generators seeded by (seed, step), and
+the data order of epoch e from (seed, e), so a run killed and resumed from its last checkpoint ends bit-identical
+(on CPU) to an uninterrupted one; nothing but weights, EMA, optimizer state and the step needs saving.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from bidm import checkpoint
+from bidm.config import Config, save_yaml, to_dict
+from bidm.diffusion import alphas_cumprod, eps_loss, make_betas, q_sample
+from bidm.errors import BidmError, ConfigError, TrainingDiverged
+
+
+class EpsObjective(nn.Module):
+    """Plain DDPM training: L_simple(eps_hat, eps) at a uniformly drawn t."""
+
+    def __init__(self, acp: torch.Tensor, *, reduction: str = "mean", kind: str = "l2"):
+        super().__init__()
+        self.register_buffer("acp", acp, persistent=False)
+        self.reduction, self.kind = reduction, kind
+
+    def forward(self, model, x0, generator):
+        t = torch.randint(0, len(self.acp), (x0.shape[0],), generator=generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        loss = eps_loss(model(q_sample(x0, t, eps, self.acp), t), eps, self.reduction, self.kind)
+        return loss, {"loss": loss.item()}
+
+
+class EMA:
+    """EMA of every float tensor of the state dict, with LDM's warm-up: decay_n = min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[name].mul_(d).add_(value.detach(), alpha=1 - d)
+            else:
+                self.shadow[name].copy_(value)
+
+
+def schedule(cfg: Config) -> torch.Tensor:
+    d = cfg.diffusion
+    return alphas_cumprod(make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)).float()
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay or 0.01)
+    raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
+
+
+class BatchOrder:
+    """Epoch-wise seeded permutations: the global batch of step k is the same however the run was interrupted."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ConfigError(f"train.batch_size={batch_size} exceeds the dataset size {n}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size  # the last partial batch is dropped
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 7_777 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+def run(
+    cfg: Config,
+    model: nn.Module,
+    objective: nn.Module,
+    images: torch.Tensor,
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    extra_meta: dict[str, str] | None = None,
+) -> Path:
+    """Train ``model`` on ``images`` (float [N,C,H,W] in [-1, 1]) and return the checkpoint path."""
+    t = cfg.train
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / checkpoint.CKPT_NAME
+    if ckpt_path.exists() and not resume:
+        raise BidmError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output directory")
+    torch.manual_seed(t.seed)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=t.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(out_dir),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    ema = EMA(model, t.ema_decay)
+    start = 0
+    if resume and ckpt_path.exists():
+        ck = checkpoint.load(ckpt_path)
+        model.load_state_dict(ck.model)
+        ema.shadow = {k: v.clone() for k, v in ck.weights(use_ema=True).items()}
+        optimizer.load_state_dict(ck.optimizer)
+        start = ema.num_updates = ck.step
+        accelerator.print(f"resumed {ckpt_path} at step {start}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = objective.to(accelerator.device)
+    raw_model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_yaml(cfg, out_dir / "config.yaml")
+    accelerator.init_trackers("tensorboard")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    order = BatchOrder(len(images), t.batch_size, t.seed)
+
+    def save(step: int) -> None:
+        if accelerator.is_main_process:
+            checkpoint.save(
+                ckpt_path,
+                model=raw_model.state_dict(),
+                ema=ema.shadow,
+                optimizer=optimizer.state_dict(),
+                config=to_dict(cfg),
+                step=step,
+                extra_meta=extra_meta,
+            )
+
+    log_file = open(out_dir / "log.jsonl", "a") if accelerator.is_main_process else None
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not accelerator.is_main_process)
+    tick = time.perf_counter()
+    for step in bar:
+        torch.manual_seed(step_seed(t.seed, step, rank))  # dropout and any other global-RNG draw
+        generator = torch.Generator().manual_seed(step_seed(t.seed, step, rank) + 1)
+        x0 = images[order.indices(step)[rank::world]].to(accelerator.device)
+        if hasattr(objective, "before_step"):
+            objective.before_step(raw_model, step, t.steps)
+        model.train()
+        loss, logs = objective(model, x0, generator)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step}; stopped without saving. The last good checkpoint "
+                f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower train.lr or check the data."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if t.grad_clip > 0:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, t.grad_clip))
+        optimizer.step()
+        ema.update(raw_model)
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            logs["step_time_s"] = (time.perf_counter() - tick) / t.log_every
+            tick = time.perf_counter()
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=step + 1)
+            if log_file:
+                log_file.write(json.dumps({"step": step + 1, **logs}) + "\n")
+                log_file.flush()
+        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
+            save(step + 1)
+    if log_file:
+        log_file.close()
+    accelerator.end_training()
+    return ckpt_path
