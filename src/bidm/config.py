@@ -103,8 +103,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is typing.Union or (origin is not None and type(None) in args):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML 1.1 reads "3e-4" as a string
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if hint in (int, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
@@ -154,6 +159,11 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
+        except ValueError:
+            pass
     if isinstance(value, str) and raw.strip().lower() in ("none", "null"):
         value = None
     out: dict = {}

@@ -10,7 +10,7 @@ Space Patched Distillation, per student/teacher feature pair F^s, F^t of shape [
        i.e. empty patches. Faithful non-square features (H < W) have row patches cut off at H.
     2. Relation map A = P @ P^T over the last two axes: [B, C, h, h], a per-channel row-Gram matrix.
     3. Normalise by the Frobenius norm of the whole map (one scalar over B, C, h, h); a zero or empty map stays 0
-       instead of dividing by zero (the official code would give NaN for an all-zero map).
+       instead of dividing by zero (a plain A / ||A|| gives NaN for an all-zero map).
     4. Patch loss = ||A^s / ||A^s|| - A^t / ||A^t|| ||_F (not squared); the teacher is detached.
     L_SPD = mean over all (feature, patch) pairs, empty patches counted in the denominator (Eq. 16).
 
@@ -20,6 +20,7 @@ Space Patched Distillation, per student/teacher feature pair F^s, F^t of shape [
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bidm.diffusion import eps_loss, q_sample
+from bidm.errors import ConfigError
 from bidm.tbs import CrossTimestep
 
 # ---------------------------------------------------------------------------------------------- feature taps
@@ -147,7 +149,9 @@ def l2_feature_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch
 LOSSES = {"spd": spd_loss, "l2": l2_feature_loss, "none": None}
 
 
-def sample_timesteps(n: int, num_timesteps: int, generator: torch.Generator, *, antithetic: bool = False):
+def sample_timesteps(
+    n: int, num_timesteps: int, generator: torch.Generator, *, antithetic: bool = False
+) -> torch.Tensor:
     """t ~ U{0..T-1}, int64 [n] on the generator's device. ``antithetic``: the first half is drawn and the second
     half is T - 1 - t (the DDIM/BiDM CIFAR code)."""
     if not antithetic:
@@ -162,7 +166,9 @@ def sample_timesteps(n: int, num_timesteps: int, generator: torch.Generator, *, 
 class DistillObjective(nn.Module):
     """BiDM's training step (reference §3 "Training with random t", §4 "Total loss"); an objective of `bidm.train`.
 
-    ``objective(x0, generator) -> (loss, logs)``, with logs {"loss", "simple", "spd" | "feat", "kd"}:
+    ``objective(model, x0, generator) -> (loss, logs)`` with logs {"loss", "simple", "spd" | "feat", "kd"}, where
+    ``model`` is the student: a `CrossTimestep`-wrapped or a plain UNet, possibly inside a DDP/Accelerate wrapper
+    (reached through ``.module``); it needs ``feature_blocks()`` when a feature loss is on.
         1. t ~ U{0..T-1} (or antithetic), then eps ~ N(0, I), both from ``generator`` (so a resume is exact).
         2. TBS student only: cache = student.cache_pass(q_sample(x0, t', eps), t') with t' = min(t + 1, T - 1)
            (``student.train_cache``), no grad, no mixing, the same eps.
@@ -173,9 +179,8 @@ class DistillObjective(nn.Module):
                   + output_kd * eps_loss(eps_hat, teacher eps, kind="l2")   (output_kd = 0 in BiDM)
 
     Args:
-        student: a `CrossTimestep`-wrapped or a plain UNet (with ``feature_blocks()`` when a feature loss is on).
-        teacher: the frozen FP UNet; frozen and kept in eval mode here. May be None if feature_loss="none" and
-            output_kd=0. Registered as a sub-module, so ``.to(device)`` moves it; it has no trainable parameters.
+        teacher: the FP UNet; frozen and kept in eval mode here. May be None if feature_loss="none" and
+            output_kd=0. A sub-module, so ``objective.to(device)`` moves it; it has no trainable parameters.
         acp: alphas_cumprod [T] (its length is T).
         feature_loss: "spd" (BiDM), "l2" (ablation) or "none" (plain QAT).
         lam: weight of the feature loss; 1e-2 = code and paper App. A (LDM). See the module docstring.
@@ -183,15 +188,14 @@ class DistillObjective(nn.Module):
         loss_reduction / loss_kind: of the eps loss (`bidm.diffusion.eps_loss`): "mean"/"l2" = LDM, "sum"/"l2" =
             CIFAR code, "mean"/"l1" = LDM churches.
         output_kd: weight of output distillation against the teacher's eps (not in BiDM; default 0).
-        tbs: None = use the cross-timestep cache iff ``student`` is a `CrossTimestep`; False runs a wrapper
-            without a cache (no mixing in training).
+        tbs: None = use the cross-timestep cache iff the student is a `CrossTimestep`; False runs a wrapper
+            without a cache (no mixing in training); True insists on a wrapper.
         antithetic: antithetic t as in the CIFAR code.
-    Student and teacher dropout use the global RNG, not ``generator``.
+    A plain student gets `FeatureTaps` at its first call. Dropout uses the global RNG, not ``generator``.
     """
 
     def __init__(
         self,
-        student: nn.Module,
         teacher: nn.Module | None,
         acp: torch.Tensor,
         *,
@@ -207,35 +211,23 @@ class DistillObjective(nn.Module):
     ):
         super().__init__()
         if feature_loss not in LOSSES:
-            raise ValueError(f"unknown feature_loss {feature_loss!r}; expected one of {sorted(LOSSES)}")
-        is_wrapped = isinstance(student, CrossTimestep)
-        if tbs and not is_wrapped:
-            raise ValueError("tbs=True needs the student wrapped in bidm.tbs.CrossTimestep")
-        self.tbs = is_wrapped if tbs is None else tbs
-        if self.tbs and student.num_timesteps != len(acp):
-            raise ValueError(f"student TBS num_timesteps {student.num_timesteps} != len(acp) {len(acp)}")
+            raise ConfigError(f"unknown feature_loss {feature_loss!r}; expected one of {sorted(LOSSES)}")
         self.feature_loss, self.lam, self.p, self.spd_per_axis = feature_loss, lam, p, spd_per_axis
         self.loss_reduction, self.loss_kind = loss_reduction, loss_kind
-        self.output_kd, self.antithetic = output_kd, antithetic
+        self.output_kd, self.tbs, self.antithetic = output_kd, tbs, antithetic
         self.feat_key = "spd" if feature_loss == "spd" else "feat"
         self.needs_teacher = feature_loss != "none" or output_kd > 0
         if self.needs_teacher and teacher is None:
-            raise ValueError(f"feature_loss={feature_loss!r} / output_kd={output_kd} need a teacher")
-
-        self.student = student
+            raise ConfigError(f"feature_loss={feature_loss!r} / output_kd={output_kd} need a teacher")
         self.teacher = teacher
         self.register_buffer("acp", acp.clone(), persistent=False)
         self.num_timesteps = len(acp)
-        self.teacher_taps = self.student_taps = None
         if teacher is not None:
             teacher.requires_grad_(False).eval()
-        if feature_loss != "none":
-            names = student.feature_blocks()
-            if list(teacher.feature_blocks()) != list(names):
-                raise ValueError("student and teacher feature_blocks() differ; SPD pairs them by position")
-            self.teacher_taps = FeatureTaps(teacher, names)
-            if not is_wrapped:
-                self.student_taps = FeatureTaps(student, names)
+        self.teacher_taps = FeatureTaps(teacher, teacher.feature_blocks()) if feature_loss != "none" else None
+        self._student_taps: FeatureTaps | None = None
+        # the student last checked/tapped; a weak reference, so it is not registered as a sub-module
+        self._tapped: weakref.ref | None = None
 
     def train(self, mode: bool = True) -> DistillObjective:
         super().train(mode)
@@ -243,20 +235,52 @@ class DistillObjective(nn.Module):
             self.teacher.eval()  # the FP teacher never uses dropout
         return self
 
-    def _clear_features(self) -> None:
+    def _use_cache(self, student: nn.Module) -> bool:
+        wrapped = isinstance(student, CrossTimestep)
+        if self.tbs and not wrapped:
+            raise ConfigError("tbs=True needs the student wrapped in bidm.tbs.CrossTimestep")
+        if wrapped and student.num_timesteps != self.num_timesteps:
+            raise ConfigError(f"student TBS num_timesteps {student.num_timesteps} != len(acp) {self.num_timesteps}")
+        return wrapped if self.tbs is None else self.tbs
+
+    def _student_features(self, student: nn.Module) -> list[torch.Tensor]:
+        if isinstance(student, CrossTimestep):
+            return student.last_features()
+        return self._student_taps.get()
+
+    def _tap_student(self, student: nn.Module) -> None:
+        """Check the feature names once per student and hook a plain one (before its forward)."""
+        if self.feature_loss == "none" or (self._tapped is not None and self._tapped() is student):
+            return
+        if list(student.feature_blocks()) != self.teacher_taps.names:
+            raise ConfigError("student and teacher feature_blocks() differ; SPD pairs them by position")
+        if self._student_taps is not None:
+            self._student_taps.remove()
+        self._student_taps = (
+            None if isinstance(student, CrossTimestep) else FeatureTaps(student, self.teacher_taps.names)
+        )
+        self._tapped = weakref.ref(student)
+
+    def _clear_features(self, student: nn.Module) -> None:
         # the graph holds what backward needs; the records would only keep activations alive until the next step
         self.teacher_taps.clear()
-        if self.student_taps is not None:
-            self.student_taps.clear()
-        elif isinstance(self.student, CrossTimestep):
-            self.student.clear()
+        if isinstance(student, CrossTimestep):
+            student.clear()
+        else:
+            self._student_taps.clear()
 
     def _feature_loss(self, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
         if self.feature_loss == "spd":
             return spd_loss(student_feats, teacher_feats, self.p, per_axis=self.spd_per_axis)
         return LOSSES[self.feature_loss](student_feats, teacher_feats)
 
-    def forward(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        student = getattr(model, "module", model)  # DDP/Accelerate wrap: hooks and attributes live on the module
+        use_cache = self._use_cache(student)
+        self._tap_student(student)
+
         # 1. all randomness from the generator, drawn on its device, then moved
         t = sample_timesteps(x0.shape[0], self.num_timesteps, generator, antithetic=self.antithetic)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
@@ -264,9 +288,9 @@ class DistillObjective(nn.Module):
 
         # 2. training cache from t' (no grad, no mix, same eps)
         cache = None
-        if self.tbs:
-            t_cache = self.student.cache_timestep(t)
-            cache = self.student.cache_pass(q_sample(x0, t_cache, noise, self.acp), t_cache)
+        if use_cache:
+            t_cache = student.cache_timestep(t)
+            cache = student.cache_pass(q_sample(x0, t_cache, noise, self.acp), t_cache)
 
         # 3.-4. x_t and the teacher
         x_t = q_sample(x0, t, noise, self.acp)
@@ -275,20 +299,16 @@ class DistillObjective(nn.Module):
             with torch.no_grad():
                 eps_teacher = self.teacher(x_t, t)
 
-        # 5. the student (post-mix features for TBS)
-        if isinstance(self.student, CrossTimestep):
-            eps_hat = self.student(x_t, t, cache=cache)
-        else:
-            eps_hat = self.student(x_t, t)
+        # 5. the student, through the (possibly DDP-wrapped) model so gradients sync
+        eps_hat = model(x_t, t, cache=cache) if isinstance(student, CrossTimestep) else model(x_t, t)
 
         # 6. the loss
         simple = eps_loss(eps_hat, noise, reduction=self.loss_reduction, kind=self.loss_kind)
         zero = simple.new_zeros(())
         feat = zero
         if self.feature_loss != "none":
-            student_feats = self.student_taps.get() if self.student_taps else self.student.last_features()
-            feat = self._feature_loss(student_feats, self.teacher_taps.get())
-            self._clear_features()
+            feat = self._feature_loss(self._student_features(student), self.teacher_taps.get())
+            self._clear_features(student)
         kd = zero
         if self.output_kd > 0:
             kd = eps_loss(eps_hat, eps_teacher, reduction=self.loss_reduction, kind="l2")

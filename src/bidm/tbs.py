@@ -19,8 +19,9 @@ its own t, with ``bucket(t) = t * num_buckets // num_timesteps`` (= floor(t / 10
 Where the cache comes from (reference §3, §9.6) -- a train/test mismatch inherent to BiDM:
     * Training (`cache_pass`): one extra no-grad student pass at t' = min(t + 1, T - 1) on
       x_{t'} = q_sample(x0, t', eps) with the *same* eps, with no mixing. The cache is therefore un-mixed.
-      ``train_cache="t+k"`` (e.g. ``"t+10"`` for a 100-step sampler, ``"t+5"`` for 200 steps) moves t' to
-      min(t + k, T - 1) to match the sampler stride; this is our improvement switch, not the paper's recipe.
+      ``train_cache="t+K"`` (e.g. ``"t+10"`` for a 100-step sampler, ``"t+5"`` for 200 steps) or ``"sampler"``
+      (K from ``sampler_steps``) moves t' to min(t + K, T - 1) to match the sampler stride; this is our
+      improvement switch, not the paper's recipe. The cache stays un-mixed either way.
     * Sampling (`denoise`): the cache is the previous *sampler* step's post-mix outputs (t + 10 with 100 DDIM
       steps, t + 5 with 200); the first step has no cache and so no mixing. The alpha row is always the one of the
       current t, so with 200 steps two consecutive steps share a row and with 50 steps every other row is unused.
@@ -29,7 +30,9 @@ Where the cache comes from (reference §3, §9.6) -- a train/test mismatch inher
 Generic over UNets: the wrapped model only has to expose ``feature_blocks()`` (module names in execution order,
 output blocks last, each module returning one tensor) and, optionally, ``num_output_blocks()``. The forward hooks
 are registered once, by module name, at construction. Wrap *after* `bidm.binarize.binarize_`: a hooked module that
-is swapped later would silently lose its hook, so a forward in which a hooked block did not run raises.
+is swapped later would silently lose its hook, so a forward in which a hooked block did not run raises. The hooks
+act only inside the wrapper's own forward (a direct ``wrapper.unet(x, t)`` is the plain UNet), so activation
+checkpointing inside the UNet, whose recomputation runs during backward, is not supported.
 
 State dict: the table is ``alpha`` and every UNet tensor keeps its own name behind the ``unet.`` prefix, so
 ``wrapper.unet.state_dict()`` is the plain UNet's state dict and ``wrapper.state_dict()`` round-trips (alpha
@@ -45,6 +48,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from bidm.errors import ConfigError
+
 Cache = dict[str, torch.Tensor]
 
 
@@ -58,11 +63,21 @@ def cross_timestep_mix(h: torch.Tensor, cache: torch.Tensor, alpha: torch.Tensor
     return (1 - alpha) * h + alpha * cache.detach()
 
 
-def parse_train_cache(spec: str) -> int:
-    """``"t+1"`` -> 1 (the paper's training cache), ``"t+10"`` -> 10 (matches a 100-step sampler)."""
+def parse_train_cache(spec: str, num_timesteps: int = 1000, sampler_steps: int | None = None) -> int:
+    """Offset k of the training cache pass t' = min(t + k, T - 1).
+
+    ``"t+1"`` -> 1 (paper and official code); ``"t+K"`` -> K; ``"sampler"`` -> T // sampler_steps, the stride of
+    a uniform DDIM sampler (10 for 100 steps, 5 for 200), so training sees the cache distance of sampling.
+    """
+    if spec == "sampler":
+        if not sampler_steps or not 1 <= sampler_steps <= num_timesteps:
+            raise ConfigError(
+                f"train_cache='sampler' needs sampler_steps in [1, {num_timesteps}], got {sampler_steps}"
+            )
+        return max(1, num_timesteps // sampler_steps)
     match = re.fullmatch(r"t\+(\d+)", spec.replace(" ", ""))
     if match is None or int(match.group(1)) < 1:
-        raise ValueError(f"train_cache must look like 't+1' (paper) or 't+K' with K >= 1 (e.g. 't+10'), got {spec!r}")
+        raise ConfigError(f"train_cache must be 't+1' (paper), 't+K' with K >= 1, or 'sampler'; got {spec!r}")
     return int(match.group(1))
 
 
@@ -76,7 +91,9 @@ class CrossTimestep(nn.Module):
         num_buckets: rows of the alpha table (100 -> one row per 10 timesteps of T = 1000).
         num_timesteps: T of the diffusion process.
         alpha_init: initial value of every alpha entry; 0.3 = paper (LDM code), 0.0 = official CIFAR code.
-        train_cache: ``"t+1"`` (faithful) or ``"t+K"``, the timestep of the training cache pass (`cache_timestep`).
+        train_cache: the timestep of the training cache pass (`cache_timestep`, `parse_train_cache`): ``"t+1"``
+            (faithful), ``"t+K"``, or ``"sampler"`` (K = num_timesteps // sampler_steps).
+        sampler_steps: DDIM steps of sampling; only read by ``train_cache="sampler"``.
 
     Calls:
         ``wrapper(x, t, cache=None)`` -> eps. With a cache the mixed blocks mix, without one nothing mixes.
@@ -94,20 +111,21 @@ class CrossTimestep(nn.Module):
         num_timesteps: int = 1000,
         alpha_init: float = 0.3,
         train_cache: str = "t+1",
+        sampler_steps: int | None = None,
     ):
         super().__init__()
         names = list(unet.feature_blocks())
         n_out = unet.num_output_blocks() if hasattr(unet, "num_output_blocks") else len(names)
         if not 0 <= n_blocks <= n_out:
-            raise ValueError(f"n_blocks must be in [0, {n_out}] (the UNet's output blocks), got {n_blocks}")
+            raise ConfigError(f"n_blocks must be in [0, {n_out}] (the UNet's output blocks), got {n_blocks}")
         if num_buckets < 1 or num_timesteps < num_buckets:
-            raise ValueError(f"need 1 <= num_buckets <= num_timesteps, got {num_buckets}, {num_timesteps}")
+            raise ConfigError(f"need 1 <= num_buckets <= num_timesteps, got {num_buckets}, {num_timesteps}")
         self.unet = unet
         self.n_blocks = n_blocks
         self.num_buckets = num_buckets
         self.num_timesteps = num_timesteps
         self.train_cache = train_cache
-        self.cache_offset = parse_train_cache(train_cache)
+        self.cache_offset = parse_train_cache(train_cache, num_timesteps, sampler_steps)
         self.alpha = nn.Parameter(torch.full((num_buckets, n_blocks), float(alpha_init)))
         self.block_names = names
         self.mixed_names = names[len(names) - n_blocks :]
@@ -171,7 +189,9 @@ class CrossTimestep(nn.Module):
                 raise KeyError(f"cache has no entry for mixed block {name!r}; it holds {sorted(self._cache)}")
             prev = self._cache[name]
             if prev.shape != out.shape:
-                raise ValueError(f"cache for {name!r} has shape {tuple(prev.shape)}, the block gives {tuple(out.shape)}")
+                raise ValueError(
+                    f"cache for {name!r} has shape {tuple(prev.shape)}, the block gives {tuple(out.shape)}"
+                )
             alpha = self._alpha_rows[:, self._column[name]].to(out.dtype)
             alpha = alpha.view(-1, *([1] * (out.dim() - 1)))  # [B, 1, 1, 1]
             out = cross_timestep_mix(out, prev, alpha)

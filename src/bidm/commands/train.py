@@ -13,6 +13,8 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
+    import torch
+
     from bidm.errors import ConfigError
     from bidm.train import EpsObjective, run, schedule
     from bidm.unet import build_unet
@@ -22,6 +24,7 @@ def main(args) -> int:
         raise ConfigError("`bidm train` trains FP teachers; use `bidm binarize` for binarized students")
     images = load_training_images(cfg)
     _check_shape(cfg, images)
+    torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     model = build_unet(cfg.model)
     objective = EpsObjective(schedule(cfg), reduction=cfg.train.loss_reduction, kind=cfg.train.loss_kind)
     path = run(cfg, model, objective, images, out_dir=cfg.out_dir, resume=args.resume)

@@ -1,0 +1,350 @@
+/* Binary (1-bit) conv2d / linear by XOR-popcount and AND-popcount on bit-packed operands.
+ *
+ * Built at first use by bidm/export/kernels.py (plain C11, `cc -O3 -shared -fPIC [-fopenmp] [-mavx2 -mpopcnt]`)
+ * and called through ctypes on contiguous torch buffers. The layout is the one of bidm/export/pack.py
+ * (LAYOUT_VERSION 1):
+ *
+ *   word  = uint64, little-endian bit order: channel c of a pixel lives in word c / 64, bit c % 64.
+ *   bit   = 1 <=> code is -1 ("pm1" codes), or 1 <=> code is 1 ("01" codes, DoReFa activations).
+ *   pad   = channels Cin..64*Wc-1 hold bit 0 in activations and weights.
+ *   acts  = [B, H, W, Wc] words (channels packed per pixel, NHWC order).
+ *   wts   = [Cout, kh, kw, Wc] words (reduction order: tap row dy, tap column dx, channel).
+ *
+ * Dot products (K = kh*kw*Cin real bits, A = activations, W = weights, both with bit 1 = -1):
+ *   pm1 x pm1:  dot = K - 2 popc(A ^ W)
+ *   01  x pm1:  dot = popc(A) - 2 popc(A & W)       (a in {0,1}, w = 1 - 2*bit)
+ * Zero padding of the binarized input (padded taps contribute 0) is reproduced exactly: the im2col tile writes
+ * padded taps as all-zero words (= +1 codes for pm1, = 0 codes for 01) and records them in a per-pixel tap mask;
+ * for pm1 the epilogue subtracts what the +1 taps added, tapsum_t[t][o] = Cin - 2 popc(W[o, t]). For 01 a zero word
+ * already contributes 0.
+ *
+ * Blocking: the output pixels (b, oh, ow) are cut into tiles of MC pixels, one tile per OpenMP task. Each task
+ * gathers its tile's im2col rows (KW = kh*kw*Wc words each) once, then sweeps the weight panel (NR = 8 output
+ * channels interleaved per word, see bidm_make_panel) with an MR x NR micro-kernel: AVX2 nibble-LUT popcount
+ * (vpshufb) on 4x64-bit lanes, or scalar 64-bit popcount where AVX2 is not compiled in.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define BIDM_ABI_VERSION 1
+#define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes) */
+#define MR 4  /* pixels per micro-kernel call */
+#define MC 64 /* pixels per task (im2col tile) */
+
+int bidm_abi_version(void) { return BIDM_ABI_VERSION; }
+
+int bidm_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int bidm_has_avx2(void) {
+#if defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline int popc64(uint64_t x) { return __builtin_popcountll(x); }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Packing float codes into words. mode 0: bit = (x < 0), mode 1: bit = (x > 0.5). */
+
+static inline uint64_t code_bit(float v, int mode) { return mode ? (uint64_t)(v > 0.5f) : (uint64_t)(v < 0.0f); }
+
+/* x: [M, C] rows -> out: [M, Wc]. */
+void bidm_pack_rows(const float *x, int64_t M, int64_t C, int mode, uint64_t *out, int nthreads) {
+    const int64_t Wc = (C + 63) / 64;
+    (void)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * C > 65536)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * C;
+        for (int64_t k = 0; k < Wc; k++) {
+            const int64_t c0 = k * 64, n = (C - c0 < 64) ? C - c0 : 64;
+            uint64_t word = 0;
+            for (int64_t b = 0; b < n; b++) word |= code_bit(row[c0 + b], mode) << b;
+            out[m * Wc + k] = word;
+        }
+    }
+}
+
+/* x: [B, C, HW] (NCHW) -> out: [B, HW, Wc] (channels packed per pixel). */
+void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, uint64_t *out, int nthreads) {
+    if (HW == 1) {
+        bidm_pack_rows(x, B, C, mode, out, nthreads);
+        return;
+    }
+    const int64_t Wc = (C + 63) / 64, CH = 256; /* pixels per chunk */
+    const int64_t nchunk = (HW + CH - 1) / CH;
+    (void)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (B * C * HW > 65536)
+    for (int64_t task = 0; task < B * nchunk; task++) {
+        const int64_t b = task / nchunk, p0 = (task % nchunk) * CH;
+        const int64_t np = (HW - p0 < CH) ? HW - p0 : CH;
+        uint64_t acc[256];
+        for (int64_t k = 0; k < Wc; k++) {
+            const int64_t c0 = k * 64, nc = (C - c0 < 64) ? C - c0 : 64;
+            for (int64_t p = 0; p < np; p++) acc[p] = 0;
+            for (int64_t cb = 0; cb < nc; cb++) {
+                const float *src = x + (b * C + c0 + cb) * HW + p0;
+                if (mode) {
+                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] > 0.5f) << cb;
+                } else {
+                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] < 0.0f) << cb;
+                }
+            }
+            uint64_t *dst = out + (b * HW + p0) * Wc + k;
+            for (int64_t p = 0; p < np; p++) dst[p * Wc] = acc[p];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Weight panel and tile formats.
+ *
+ * With AVX2 (SPLIT = 2) every word w is stored as two "nibble words", lo = w & 0x0f..0f and hi = (w >> 4) & 0x0f..0f,
+ * because OP(a, w) commutes with the split for OP in {XOR, AND}: the micro-kernel then needs no shift or mask
+ * before its vpshufb lookups. Panel: [ceil(Cout/NR), KW, SPLIT, NR] (NR output channels interleaved per word,
+ * channels past Cout zero). Tile rows: [MR-padded pixels, KW, SPLIT]. Without AVX2 (SPLIT = 1) words stay whole. */
+
+#if defined(__AVX2__)
+#define SPLIT 2
+#else
+#define SPLIT 1
+#endif
+#define NIB 0x0f0f0f0f0f0f0f0fULL
+
+int64_t bidm_panel_words(int64_t Cout, int64_t KW) { return (Cout + NR - 1) / NR * KW * NR * SPLIT; }
+
+void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *panel) {
+    const int64_t npan = (Cout + NR - 1) / NR;
+    for (int64_t pb = 0; pb < npan; pb++)
+        for (int64_t k = 0; k < KW; k++)
+            for (int64_t j = 0; j < NR; j++) {
+                const int64_t o = pb * NR + j;
+                const uint64_t v = o < Cout ? w[o * KW + k] : 0;
+                uint64_t *dst = panel + (pb * KW + k) * SPLIT * NR + j;
+#if SPLIT == 2
+                dst[0] = v & NIB;
+                dst[NR] = (v >> 4) & NIB;
+#else
+                dst[0] = v;
+#endif
+            }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Micro-kernels: cnt[j][i] = sum_k popc(OP(A[i][k], P[k][j])), i < MR pixels, j < NR channels. */
+
+#if defined(__AVX2__)
+#define DEFINE_MICRO_AVX2(NAME, OP)                                                                              \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[NR][MR]) {                   \
+        const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, \
+                                             3, 1, 2, 2, 3, 2, 3, 3, 4);                                         \
+        const __m256i zero = _mm256_setzero_si256();                                                             \
+        __m256i tot[MR][2];                                                                                      \
+        for (int i = 0; i < MR; i++) tot[i][0] = tot[i][1] = zero;                                               \
+        for (int64_t k0 = 0; k0 < KW; k0 += 31) { /* byte counters hold at most 31 * 8 */                       \
+            const int64_t k1 = (k0 + 31 < KW) ? k0 + 31 : KW;                                                    \
+            __m256i c[MR][2];                                                                                    \
+            for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = zero;                                               \
+            for (int64_t k = k0; k < k1; k++) {                                                                  \
+                const uint64_t *p = P + k * 2 * NR;                                                              \
+                const __m256i w0l = _mm256_loadu_si256((const __m256i *)p);                                      \
+                const __m256i w1l = _mm256_loadu_si256((const __m256i *)(p + 4));                                \
+                const __m256i w0h = _mm256_loadu_si256((const __m256i *)(p + 8));                                \
+                const __m256i w1h = _mm256_loadu_si256((const __m256i *)(p + 12));                               \
+                for (int i = 0; i < MR; i++) {                                                                   \
+                    const __m256i al = _mm256_set1_epi64x((long long)A[(i * KW + k) * 2]);                       \
+                    const __m256i ah = _mm256_set1_epi64x((long long)A[(i * KW + k) * 2 + 1]);                   \
+                    c[i][0] = _mm256_add_epi8(c[i][0], _mm256_shuffle_epi8(lut, OP(al, w0l)));                   \
+                    c[i][0] = _mm256_add_epi8(c[i][0], _mm256_shuffle_epi8(lut, OP(ah, w0h)));                   \
+                    c[i][1] = _mm256_add_epi8(c[i][1], _mm256_shuffle_epi8(lut, OP(al, w1l)));                   \
+                    c[i][1] = _mm256_add_epi8(c[i][1], _mm256_shuffle_epi8(lut, OP(ah, w1h)));                   \
+                }                                                                                                \
+            }                                                                                                    \
+            for (int i = 0; i < MR; i++) {                                                                       \
+                tot[i][0] = _mm256_add_epi64(tot[i][0], _mm256_sad_epu8(c[i][0], zero));                         \
+                tot[i][1] = _mm256_add_epi64(tot[i][1], _mm256_sad_epu8(c[i][1], zero));                         \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int i = 0; i < MR; i++) {                                                                           \
+            int64_t t[NR];                                                                                       \
+            _mm256_storeu_si256((__m256i *)t, tot[i][0]);                                                        \
+            _mm256_storeu_si256((__m256i *)(t + 4), tot[i][1]);                                                  \
+            for (int j = 0; j < NR; j++) cnt[j][i] = (int32_t)t[j];                                              \
+        }                                                                                                        \
+    }
+
+DEFINE_MICRO_AVX2(micro_xor, _mm256_xor_si256)
+DEFINE_MICRO_AVX2(micro_and, _mm256_and_si256)
+
+#else /* portable scalar micro-kernels */
+
+#define DEFINE_MICRO_SCALAR(NAME, OP)                                                                            \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[NR][MR]) {                   \
+        for (int i = 0; i < MR; i++) {                                                                           \
+            const uint64_t *a = A + i * KW;                                                                      \
+            int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;                              \
+            for (int64_t k = 0; k < KW; k++) {                                                                   \
+                const uint64_t x = a[k], *p = P + k * NR;                                                        \
+                s0 += popc64(x OP p[0]);                                                                         \
+                s1 += popc64(x OP p[1]);                                                                         \
+                s2 += popc64(x OP p[2]);                                                                         \
+                s3 += popc64(x OP p[3]);                                                                         \
+                s4 += popc64(x OP p[4]);                                                                         \
+                s5 += popc64(x OP p[5]);                                                                         \
+                s6 += popc64(x OP p[6]);                                                                         \
+                s7 += popc64(x OP p[7]);                                                                         \
+            }                                                                                                    \
+            cnt[0][i] = s0, cnt[1][i] = s1, cnt[2][i] = s2, cnt[3][i] = s3;                                      \
+            cnt[4][i] = s4, cnt[5][i] = s5, cnt[6][i] = s6, cnt[7][i] = s7;                                      \
+        }                                                                                                        \
+    }
+
+DEFINE_MICRO_SCALAR(micro_xor, ^)
+DEFINE_MICRO_SCALAR(micro_and, &)
+
+#endif
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Binary conv2d (and linear, as a 1x1 conv on a 1x1 image).
+ *
+ * a      [B, H, W, Wc] packed activations          panel  from bidm_make_panel(w [Cout, kh*kw*Wc])
+ * tapsum_t [kh*kw, Cout] int32, Cin - 2 popc(w[o,t]) (read for mode 0 only, where a tap may be padded)
+ * y      [B, Cout, Ho, Wo] float32 written with the exact integer dot products.
+ * Padding is (top, left) = (ph, pw); bottom/right padding is whatever Ho, Wo imply.
+ */
+int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin, const uint64_t *panel,
+                const int32_t *tapsum_t, int64_t Cout, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                int64_t pw, int64_t Ho, int64_t Wo, int mode, float *y, int nthreads) {
+    const int64_t Wc = (Cin + 63) / 64, T = kh * kw, KW = T * Wc, HWo = Ho * Wo, M = B * HWo;
+    const int64_t npan = (Cout + NR - 1) / NR;
+    if (T > 64) return -1; /* the per-pixel padded-tap mask is one uint64 */
+    /* A 1x1, stride-1, unpadded conv (and a linear layer) reads its im2col rows in place. */
+    const int direct = (T == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && Ho == H && Wo == W);
+    int64_t mc = MC;
+    if (nthreads > 1 && M < (int64_t)nthreads * MC) { /* small layers: keep every thread busy */
+        mc = (M + nthreads - 1) / nthreads;
+        mc = (mc + MR - 1) / MR * MR;
+    }
+    const int64_t ntile = (M + mc - 1) / mc;
+    int status = 0;
+    (void)nthreads;
+
+#pragma omp parallel num_threads(nthreads) if (ntile > 1)
+    {
+        const size_t rows_cap = (size_t)(mc + MR) * (size_t)KW;
+        uint64_t *raw = (uint64_t *)malloc(rows_cap * sizeof(uint64_t));
+        uint64_t *split = SPLIT == 2 ? (uint64_t *)malloc(rows_cap * 2 * sizeof(uint64_t)) : raw;
+        uint64_t *padmask = (uint64_t *)malloc((size_t)(mc + MR) * sizeof(uint64_t));
+        int32_t *popa = (int32_t *)malloc((size_t)(mc + MR) * sizeof(int32_t));
+        float **ybase = (float **)malloc((size_t)(mc + MR) * sizeof(float *));
+        const int ok = raw && split && padmask && popa && ybase;
+        if (!ok) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t tile = 0; tile < ntile; tile++) {
+            if (!ok) continue;
+            const int64_t m0 = tile * mc, nm = (M - m0 < mc) ? M - m0 : mc;
+            const int64_t nm_pad = (nm + MR - 1) / MR * MR;
+            /* 1. the tile's im2col rows (raw words), padded-tap masks, output addresses */
+            const uint64_t *rows = raw;
+            for (int64_t i = 0; i < nm_pad; i++) {
+                uint64_t *dst = raw + i * KW;
+                padmask[i] = 0;
+                if (i >= nm) { /* rows past the end of the batch: computed, never written */
+                    memset(dst, 0, (size_t)KW * sizeof(uint64_t));
+                    ybase[i] = NULL;
+                    continue;
+                }
+                const int64_t m = m0 + i, b = m / HWo, r = m % HWo, oh = r / Wo, ow = r % Wo;
+                ybase[i] = y + b * Cout * HWo + r;
+                if (direct) continue;
+                for (int64_t dy = 0; dy < kh; dy++) {
+                    const int64_t ih = oh * sh - ph + dy;
+                    for (int64_t dx = 0; dx < kw; dx++) {
+                        const int64_t iw = ow * sw - pw + dx, t = dy * kw + dx;
+                        if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+                            memset(dst + t * Wc, 0, (size_t)Wc * sizeof(uint64_t));
+                            padmask[i] |= (uint64_t)1 << t;
+                        } else {
+                            memcpy(dst + t * Wc, a + ((b * H + ih) * W + iw) * Wc, (size_t)Wc * sizeof(uint64_t));
+                        }
+                    }
+                }
+            }
+            if (direct) {
+                if (SPLIT == 1 && nm_pad == nm)
+                    rows = a + m0 * KW;
+                else
+                    memcpy(raw, a + m0 * KW, (size_t)(nm * KW) * sizeof(uint64_t));
+            }
+            if (mode)
+                for (int64_t i = 0; i < nm; i++) {
+                    int32_t s = 0;
+                    for (int64_t k = 0; k < KW; k++) s += popc64(rows[i * KW + k]);
+                    popa[i] = s;
+                }
+#if SPLIT == 2
+            for (int64_t q = 0; q < nm_pad * KW; q++) {
+                split[2 * q] = rows[q] & NIB;
+                split[2 * q + 1] = (rows[q] >> 4) & NIB;
+            }
+            rows = split;
+#endif
+            /* 2. sweep the weight panels with the micro-kernel, 3. write the exact integer dots */
+            int32_t base[MC + MR]; /* dot = base - 2 cnt (before padded-tap corrections) */
+            for (int64_t i = 0; i < nm_pad; i++) base[i] = mode ? popa[i] : (int32_t)(T * Cin);
+            for (int64_t pb = 0; pb < npan; pb++) {
+                const uint64_t *P = panel + pb * KW * SPLIT * NR;
+                const int64_t nj = (Cout - pb * NR < NR) ? Cout - pb * NR : NR;
+                for (int64_t i0 = 0; i0 < nm_pad; i0 += MR) {
+                    int32_t cnt[NR][MR];
+                    if (mode)
+                        micro_and(rows + i0 * KW * SPLIT, KW, P, cnt);
+                    else
+                        micro_xor(rows + i0 * KW * SPLIT, KW, P, cnt);
+                    const int32_t *bs = base + i0;
+                    const int padded = !mode && (padmask[i0] | padmask[i0 + 1] | padmask[i0 + 2] | padmask[i0 + 3]);
+                    if (!padded && i0 + MR <= nm && ybase[i0 + MR - 1] == ybase[i0] + MR - 1) {
+                        float *yo = ybase[i0] + pb * NR * HWo; /* MR adjacent outputs per channel */
+                        for (int64_t j = 0; j < nj; j++)
+                            for (int i = 0; i < MR; i++) yo[j * HWo + i] = (float)(bs[i] - 2 * cnt[j][i]);
+                        continue;
+                    }
+                    for (int64_t i = i0; i < i0 + MR && i < nm; i++) {
+                        int32_t v[NR];
+                        for (int64_t j = 0; j < NR; j++) v[j] = bs[i - i0] - 2 * cnt[j][i - i0];
+                        /* padded taps of pm1 inputs were packed as +1: take back what they added */
+                        for (uint64_t pm = mode ? 0 : padmask[i]; pm; pm &= pm - 1) {
+                            const int32_t *ts = tapsum_t + __builtin_ctzll(pm) * Cout + pb * NR;
+                            for (int64_t j = 0; j < nj; j++) v[j] -= ts[j];
+                        }
+                        for (int64_t j = 0; j < nj; j++) ybase[i][(pb * NR + j) * HWo] = (float)v[j];
+                    }
+                }
+            }
+        }
+        free(raw);
+        if (SPLIT == 2) free(split);
+        free(padmask);
+        free(popa);
+        free(ybase);
+    }
+    return status;
+}

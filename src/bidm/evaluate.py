@@ -1,0 +1,315 @@
+"""Score a samples ``.npz`` against a dataset, and compare many runs in Table-1 style.
+
+``evaluate_samples``  one samples file, one feature space -> dict (FID, sFID, IS, precision, recall, counts).
+``write_metrics``     one or more of those dicts -> ``metrics.json`` (the first is the primary, flat; all under
+                      ``by_space``).
+``compare_runs``      run directories (``metrics.json`` [+ ``summary.json``] [+ ``samples.npz``]) -> Markdown, CSV
+                      and JSON tables, an FID-vs-cost figure and a side-by-side sample grid.
+
+Protocol notes are written next to every number (``notes``): the sample and reference counts, the feature space,
+and dataset caveats. Nothing is reported for a metric that cannot be computed honestly: it is ``null``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bidm import features as feat
+from bidm import metrics
+from bidm.errors import BidmError
+from bidm.npz_io import images_to_uint8, load_samples_npz, make_grid
+
+FEATURE_SPACES = ("inception", "domain")
+SUMMARY_KEYS = ("fp_size_mib", "size_mib", "size_saving", "fp_flops", "bops", "flops", "ops", "ops_saving")
+DATASET_NOTES = {
+    "cifar10": "CIFAR-10 reference from shared/data is a lossy JPEG copy: comparable between our models only, "
+    "not to published numbers (which use the lossless originals)",
+}
+
+
+def _load_dataset(name: str, *, path: str | None, split: str, size: int, channels: int):
+    """``bidm.data.load_dataset`` at the samples' resolution; returns (float [-1, 1] NCHW, labels or None)."""
+    from bidm.data import load_dataset
+
+    images, labels = load_dataset(name, path=path, split=split, size=size, channels=channels)
+    if images.shape[1] != channels or images.shape[-1] != size:
+        raise BidmError(
+            f"samples are {size}x{size}x{channels} but dataset {name!r} loads as "
+            f"{images.shape[-1]}x{images.shape[-1]}x{images.shape[1]}"
+        )
+    return images, labels
+
+
+def _subset(images: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
+    """A fixed random subset of n images (datasets may be sorted by class), or all of them."""
+    if n is None or n >= len(images):
+        return images
+    return images[np.sort(np.random.default_rng(seed).permutation(len(images))[:n])]
+
+
+def _reference(dataset, ref, *, data_path, split, size, channels, n_ref) -> tuple[np.ndarray, str, str]:
+    """(uint8 NHWC reference images, cache name, human description)."""
+    if ref is not None:
+        images = load_samples_npz(ref)
+        if images.shape[1:] != (size, size, channels):
+            raise BidmError(f"reference {ref} holds {images.shape[1:]} images, samples are {(size, size, channels)}")
+        total, images = len(images), _subset(images, n_ref)
+        return images, Path(ref).stem, f"{ref} ({len(images)} of {total} images)"
+    x, _ = _load_dataset(dataset, path=data_path, split=split, size=size, channels=channels)
+    total, images = len(x), _subset(images_to_uint8(x), n_ref)
+    return images, dataset, f"{dataset}:{split} ({len(images)} of {total} images, {size}x{size}x{channels})"
+
+
+def _extractor(feature_space, *, dataset, data_path, split, size, channels, cache_dir, device, inception,
+               is_weights, resize, classifier_kwargs, progress):  # fmt: skip
+    if feature_space == "inception":
+        return feat.InceptionExtractor(inception, is_weights=is_weights, device=device, resize=resize)
+    if feature_space == "domain":
+        x, y = _load_dataset(dataset, path=data_path, split=split, size=size, channels=channels)
+        if y is None:
+            raise BidmError(f"dataset {dataset!r} has no labels, so no domain classifier can be trained for it")
+        model, info = feat.load_or_train_domain_classifier(
+            dataset, x, y, cache_dir=cache_dir, progress=progress, **(classifier_kwargs or {})
+        )
+        return feat.DomainExtractor(model, info, device=device)
+    raise BidmError(f"unknown feature space {feature_space!r}; expected one of {FEATURE_SPACES}")
+
+
+def evaluate_samples(
+    samples_npz: str | Path,
+    *,
+    dataset: str,
+    feature_space: str = "inception",
+    n: int | None = None,
+    ref: str | Path | None = None,
+    n_ref: int | None = None,
+    split: str = "train",
+    data_path: str | None = None,
+    cache_dir: str | Path | None = None,
+    inception: str | Path | None = None,
+    is_weights: str | Path | None = None,
+    resize: str = "tf",
+    device: str = "cpu",
+    batch_size: int = 50,
+    k: int = 3,
+    is_splits: int = 10,
+    classifier_kwargs: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """FID, sFID, IS, precision and recall of the first ``n`` samples in ``samples_npz`` against a reference.
+
+    The reference is ``ref`` (an ADM-style ``.npz``) if given, else ``dataset``'s ``split`` loaded at the samples'
+    resolution; ``n_ref`` takes a fixed random subset of it. Reference features are cached in
+    ``cache_dir/ref_stats``. In the ``domain`` space the classifier is trained (once, cached) on ``dataset``'s
+    ``split``; sFID is null there. IS in the ``inception`` space needs ``is_weights`` and is null otherwise.
+    """
+    timings = {}
+    start = time.perf_counter()
+    samples = load_samples_npz(samples_npz, n=n)
+    size, channels = samples.shape[1], samples.shape[3]
+    if samples.shape[1] != samples.shape[2]:
+        raise BidmError(f"expected square samples, got {samples.shape[1]}x{samples.shape[2]}")
+    where = dict(dataset=dataset, data_path=data_path, split=split, size=size, channels=channels)
+    ref_images, ref_name, ref_desc = _reference(ref=ref, n_ref=n_ref, **where)
+    extractor = _extractor(
+        feature_space, cache_dir=cache_dir, device=device, inception=inception, is_weights=is_weights,
+        resize=resize, classifier_kwargs=classifier_kwargs, progress=progress, **where,
+    )  # fmt: skip
+    timings["setup"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ref_split = "npz" if ref is not None else split
+    ref_feats = feat.reference_features(
+        ref_images, extractor, dataset=ref_name, split=ref_split, cache_dir=cache_dir, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    timings["reference"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fake = feat.extract_features(samples, extractor, batch_size=batch_size, progress=progress, desc="samples")
+    timings["samples"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = {key: None for key in ("fid", "sfid", "is", "is_std", "precision", "recall")}
+    result["fid"] = metrics.frechet_distance(*metrics.feature_stats(fake["pool"]), ref_feats["mu"], ref_feats["sigma"])
+    if "spatial" in fake:
+        mu_s, sigma_s = metrics.feature_stats(fake["spatial"])
+        result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref_feats["mu_s"], ref_feats["sigma_s"])
+    result["precision"], result["recall"] = metrics.precision_recall(ref_feats["pool"], fake["pool"], k=k)
+    if "logits" in fake:
+        splits = min(is_splits, len(samples))
+        result["is"], result["is_std"] = metrics.inception_score(fake["logits"], splits, logits=True)
+    timings["metrics"] = time.perf_counter() - start
+
+    notes = [f"{len(samples)} samples vs {len(ref_images)} reference images; FID is biased upward at small n, "
+             "so compare numbers only at equal n"]  # fmt: skip
+    if feature_space == "domain":
+        notes.append("domain space: features of a small CNN trained on the dataset, not Inception; comparable only "
+                     f"between runs scored with the same classifier ({extractor.info.get('file')})")  # fmt: skip
+        notes.append("sfid is null: sFID is defined on Inception mixed_6/conv features, with no domain equivalent")
+        notes.append(f"is = domain IS over {extractor.info['num_classes']} classes (upper bound), not Inception IS")
+    elif result["is"] is None:
+        notes.append(f"is is null: default_1.pt has no 1008-way logits; to get IS, {feat.IS_WEIGHTS_HOW_TO}")
+    if dataset in DATASET_NOTES and ref is None:
+        notes.append(DATASET_NOTES[dataset])
+    return {
+        **result,
+        "n_samples": len(samples),
+        "n_reference": len(ref_images),
+        "feature_space": feature_space,
+        "reference": ref_desc,
+        "dataset": dataset,
+        "image_size": size,
+        "samples": str(samples_npz),
+        "extractor": extractor.describe(),
+        "k": k,
+        "is_splits": min(is_splits, len(samples)) if result["is"] is not None else None,
+        "notes": notes,
+        "seconds": {key: round(value, 2) for key, value in timings.items()},
+    }
+
+
+def write_metrics(results: list[dict], out_dir: str | Path, label: str | None = None) -> Path:
+    """Write ``metrics.json``: the first result's keys at top level, every result under ``by_space``."""
+    if not results:
+        raise BidmError("write_metrics needs at least one result")
+    out = {**results[0], "by_space": {r["feature_space"]: r for r in results}}
+    if label:
+        out["label"] = label
+    path = Path(out_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparing runs
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_run_rows(run_dir: str | Path, label: str | None = None) -> list[dict]:
+    """One table row per feature space in ``run_dir/metrics.json``, with ``summary.json`` efficiency merged in."""
+    run_dir = Path(run_dir)
+    scored = _read_json(run_dir / "metrics.json")
+    if scored is None:
+        raise FileNotFoundError(f"{run_dir / 'metrics.json'} not found; run `bidm evaluate` on that run first")
+    summary = _read_json(run_dir / "summary.json") or {}
+    method = label or scored.get("label") or summary.get("method") or run_dir.name
+    rows = []
+    for space in (scored.get("by_space") or {scored.get("feature_space"): scored}).values():
+        row = {"method": method, "run": str(run_dir)}
+        for key in ("feature_space", "fid", "sfid", "is", "is_std", "precision", "recall", "n_samples",
+                    "n_reference", "reference", "dataset"):  # fmt: skip
+            row[key] = space.get(key)
+        row.update({key: summary.get(key) for key in SUMMARY_KEYS})
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value * scale:.{digits}f}{suffix}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Table-1-style Markdown: quality (↓/↑), counts, feature space, then size and OPs with savings."""
+    head = ["Method", "Features", "n (ref)", "FID↓", "sFID↓", "IS↑", "Prec.↑ (%)", "Rec.↑ (%)", "Size (MiB)",
+            "OPs (×10⁹)", "Size saving", "OPs saving"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["method"], r["feature_space"] or "–", f"{r['n_samples']} ({r['n_reference']})",
+            _fmt(r["fid"]), _fmt(r["sfid"]), _fmt(r["is"]), _fmt(r["precision"], 100), _fmt(r["recall"], 100),
+            _fmt(r["size_mib"]), _fmt(r["ops"], 1e-9, 3), _fmt(r["size_saving"], suffix="×"),
+            _fmt(r["ops_saving"], suffix="×"),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    refs = sorted({f"{r['feature_space']}: {r['reference']}" for r in rows if r["reference"]})
+    lines += ["", "Reference sets: " + "; ".join(refs) + "." if refs else ""]
+    if any(r["feature_space"] == "domain" for r in rows):
+        lines.append("Domain rows use a small CNN trained on the dataset (domain FID/IS), not Inception.")
+    lines += [DATASET_NOTES[d] + "." for d in sorted({r["dataset"] for r in rows} & set(DATASET_NOTES))]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def efficiency_figure(rows: list[dict], path: str | Path) -> Path:
+    """FID vs OPs and FID vs size (log x), one labelled point per method, in the preferred feature space."""
+    from matplotlib.figure import Figure
+
+    spaces = [r["feature_space"] for r in rows]
+    space = "inception" if "inception" in spaces else (spaces[0] if spaces else None)
+    rows = [r for r in rows if r["feature_space"] == space and r["fid"] is not None]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, key, xlabel in zip(fig.subplots(1, 2), ("ops", "size_mib"), ("OPs (log)", "size, MiB (log)")):
+        points = [r for r in rows if r.get(key)]
+        for r in points:
+            ax.scatter(r[key], r["fid"])
+            ax.annotate(r["method"], (r[key], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if points:
+            ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, "no summary.json efficiency data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"FID ({space} features)")
+        ax.grid(True, which="both", alpha=0.3)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def side_by_side(samples: dict[str, np.ndarray], path: str | Path) -> Path:
+    """One row of images per run (label at left); rows match when runs share x_T."""
+    from matplotlib.figure import Figure
+
+    strips = {name: make_grid(images, nrow=len(images), padding=1) for name, images in samples.items()}
+    h, w = next(iter(strips.values())).shape[:2]
+    fig = Figure(figsize=(max(4.0, 12.0 * min(1.0, w / 600) + 2), 0.3 + len(strips) * max(0.6, 12.0 * h / w)))
+    for ax, (name, strip) in zip(fig.subplots(len(strips), 1, squeeze=False)[:, 0], strips.items()):
+        ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return Path(path)
+
+
+def compare_runs(
+    run_dirs: list[str | Path], out_dir: str | Path, *, labels: list[str | None] | None = None, n_images: int = 8
+) -> dict:
+    """Tables (``comparison.md/.csv/.json``), ``comparison.png`` and ``samples.png`` for several runs.
+
+    Returns ``{"rows": [...], "files": {kind: path}}``. The sample grid shows the first ``n_images`` of each run's
+    ``samples.npz`` (runs without one are left out of it).
+    """
+    if not run_dirs:
+        raise BidmError("compare needs at least one run directory")
+    labels = list(labels or [None] * len(run_dirs))
+    rows = [row for run, label in zip(run_dirs, labels) for row in load_run_rows(run, label)]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "json": out_dir / "comparison.json"}
+    files["md"].write_text(markdown_table(rows))
+    files["json"].write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    with open(files["csv"], "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    files["figure"] = efficiency_figure(rows, out_dir / "comparison.png")
+
+    grids = {}
+    for run, label in zip(run_dirs, labels):
+        if (Path(run) / "samples.npz").is_file():
+            name = load_run_rows(run, label)[0]["method"]
+            grids[name] = load_samples_npz(Path(run) / "samples.npz")[:n_images]
+    if grids:
+        files["samples"] = side_by_side(grids, out_dir / "samples.png")
+    return {"rows": rows, "files": {key: str(value) for key, value in files.items()}}

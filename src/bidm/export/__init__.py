@@ -1,0 +1,1 @@
+"""Packed export of binarized models and the XNOR/AND-popcount runtime."""

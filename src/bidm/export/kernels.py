@@ -1,0 +1,341 @@
+"""The binary conv2d / linear runtime: a compiled XNOR/AND-popcount kernel and its numpy reference twin.
+
+Build: ``bidm/csrc/bitgemm.c`` is plain C11 with no Python or torch headers. At first use it is compiled with the
+system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``$BIDM_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/bidm`` or ``~/.cache/bidm``; a temp dir when that is not writable) under a name hashed from the
+source, flags, compiler version and CPU, and loaded with ctypes. Flags: ``-O3 -shared -fPIC``, plus ``-fopenmp``
+(dropped if the compiler lacks OpenMP) and, on x86-64 CPUs that report them, ``-mavx2 -mpopcnt``. Why not
+``torch.utils.cpp_extension``: it needs ninja and torch's C++ headers, takes ~1 min to compile and ties the
+artefact to the torch ABI; this build takes about a second and works with any torch.
+
+Where no compiler works, every call runs the reference twin (numpy, same layout, same integer results) and one
+warning says so. ``BIDM_KERNEL=ref`` forces the reference; ``BIDM_KERNEL=c`` makes a failed build an error.
+
+Both backends return float32 tensors holding the exact integer dot products of the binary codes, with zero padding
+of the binarized input (padded taps contribute 0); see the layout in `bidm.export.pack`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from bidm.export import pack
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bitgemm.c"
+ABI_VERSION = 1
+_MODES = {"pm1": 0, "01": 1}
+
+_state: dict = {"lib": None, "tried": False, "info": {}, "warned": False}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Build and load
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (outside the source tree)."""
+    if os.environ.get("BIDM_CACHE_DIR"):
+        return Path(os.environ["BIDM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bidm"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> str | None:
+    """Compile SOURCE to ``out`` atomically; returns an error message or None."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    cmd = [cc, *flags, "-o", str(tmp), str(SOURCE)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return str(err)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        return (proc.stderr or proc.stdout).strip()[-2000:]
+    os.replace(tmp, out)  # atomic: concurrent builders each write their own tmp
+    return None
+
+
+def _build_and_load() -> ctypes.CDLL | None:
+    info = _state["info"]
+    cc = _compiler()
+    if cc is None:
+        info["reason"] = "no C compiler found (set CC)"
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    base = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
+    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "popcnt"} <= _cpu_flags():
+        base += ["-mavx2", "-mpopcnt"]
+    base += os.environ.get("BIDM_CFLAGS", "").split()  # e.g. "-march=native", or "-mno-avx2" for the scalar path
+    errors = []
+    for flags in (base + ["-fopenmp"], base):
+        key = hashlib.sha256(
+            "\n".join([SOURCE.read_text(), " ".join(flags), cc, version, platform.machine()]).encode()
+        ).hexdigest()[:16]
+        for root in (cache_dir(), Path(tempfile.gettempdir()) / f"bidm-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+            path = root / f"bitgemm-{key}.so"
+            if not path.exists():
+                err = _compile(cc, flags, path) if _writable(root) else f"{root} is not writable"
+                if err:
+                    errors.append(err)
+                    continue
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as err:
+                errors.append(str(err))
+                continue
+            if lib.bidm_abi_version() != ABI_VERSION:
+                errors.append(f"{path}: ABI {lib.bidm_abi_version()} != {ABI_VERSION}")
+                continue
+            info.update(path=str(path), compiler=cc, flags=" ".join(flags))
+            return lib
+    info["reason"] = "compiling bidm/csrc/bitgemm.c failed: " + (errors[-1] if errors else "unknown error")
+    return None
+
+
+def _writable(root: Path) -> bool:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(root, os.W_OK)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.bidm_pack_rows.argtypes = [ptr, i64, i64, cint, ptr, cint]
+    lib.bidm_pack_rows.restype = None
+    lib.bidm_pack_nchw.argtypes = [ptr, i64, i64, i64, cint, ptr, cint]
+    lib.bidm_pack_nchw.restype = None
+    lib.bidm_panel_words.argtypes = [i64, i64]
+    lib.bidm_panel_words.restype = i64
+    lib.bidm_make_panel.argtypes = [ptr, i64, i64, ptr]
+    lib.bidm_make_panel.restype = None
+    lib.bidm_conv2d.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64]
+    lib.bidm_conv2d.argtypes += [cint, ptr, cint]
+    lib.bidm_conv2d.restype = cint
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, built on first call; None where it cannot be built (reason in `kernel_info`)."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        lib = _build_and_load()
+        if lib is not None:
+            _declare(lib)
+            _state["info"].update(openmp=bool(lib.bidm_has_openmp()), avx2=bool(lib.bidm_has_avx2()))
+        _state["lib"] = lib
+    return _state["lib"]
+
+
+def backend(requested: str | None = None) -> str:
+    """``"c"`` or ``"ref"``: the argument, else ``$BIDM_KERNEL``, else ``"c"`` when the build works."""
+    choice = requested or os.environ.get("BIDM_KERNEL", "auto")
+    if choice not in ("auto", "c", "ref"):
+        raise ValueError(f"unknown kernel backend {choice!r}; expected 'auto', 'c' or 'ref'")
+    if choice == "ref":
+        return "ref"
+    if library() is not None:
+        return "c"
+    if choice == "c":
+        raise RuntimeError(f"bidm binary kernel unavailable: {_state['info'].get('reason')}")
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(
+            f"bidm.export: compiled binary kernel unavailable ({_state['info'].get('reason')}); "
+            "using the numpy reference kernel, which is exact but slow",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "ref"
+
+
+def kernel_info() -> dict:
+    """Which backend runs and how it was built (path, compiler, flags, openmp, avx2, or the reason it was not)."""
+    name = backend()
+    return {"backend": name, **_state["info"]}
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+@dataclass
+class KernelWeight:
+    """A packed binary weight ready for the kernel: words ``[Cout, kh, kw, Wc]`` (layout `pack.LAYOUT`)."""
+
+    words: torch.Tensor
+    cin: int
+    tapsum: torch.Tensor = field(init=False)  # int32 [kh*kw, Cout]: Cin - 2 popc(w[o, t])
+    panel: torch.Tensor | None = field(init=False, default=None)  # kernel-native interleaving, C backend only
+
+    def __post_init__(self):
+        if self.words.dim() == 2:  # linear [Cout, Wc] -> [Cout, 1, 1, Wc]
+            self.words = self.words[:, None, None, :]
+        self.words = self.words.contiguous()
+        self.tapsum = pack.tap_sums(self.words, self.cin).T.contiguous()
+
+    @property
+    def cout(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.words.shape[1], self.words.shape[2]
+
+    def get_panel(self, lib: ctypes.CDLL) -> torch.Tensor:
+        if self.panel is None:
+            kw_words = self.words[0].numel()
+            panel = torch.empty(lib.bidm_panel_words(self.cout, kw_words), dtype=torch.int64)
+            lib.bidm_make_panel(_ptr(self.words), self.cout, kw_words, _ptr(panel))
+            self.panel = panel
+        return self.panel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public ops
+
+
+def pack_activation(a: torch.Tensor, code: str = "pm1", *, impl: str | None = None) -> torch.Tensor:
+    """Exact codes ``[B, C, H, W]`` -> int64 ``[B, H, W, Wc]``, or ``[B, C]`` -> ``[B, Wc]`` (channels packed)."""
+    if a.dim() not in (2, 4):
+        raise ValueError(f"expected [B, C, H, W] or [B, C] codes, got {tuple(a.shape)}")
+    if backend(impl) == "ref":
+        return pack.pack_codes(a, code, dim=1) if a.dim() == 2 else pack.pack_codes(a.permute(0, 2, 3, 1), code)
+    lib = library()
+    x = a.detach().to(torch.float32).contiguous()
+    b, c = x.shape[:2]
+    hw = x[0, 0].numel()
+    out = torch.empty(*((b, *x.shape[2:]) if x.dim() == 4 else (b,)), pack.num_words(c), dtype=torch.int64)
+    lib.bidm_pack_nchw(_ptr(x), b, c, hw, _MODES[code], _ptr(out), torch.get_num_threads())
+    return out
+
+
+def conv_output_size(h: int, w: int, kernel_size, stride, padding) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
+def binary_conv2d(
+    a_words: torch.Tensor,
+    weight: KernelWeight,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    code: str = "pm1",
+    *,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """``F.conv2d(a, w, stride=stride, padding=padding)`` on codes, from packed ``a`` [B, H, W, Wc] and ``weight``.
+
+    Returns float32 ``[B, Cout, Ho, Wo]`` holding exact integers; padded taps contribute 0.
+    """
+    b, h, w, wc = a_words.shape
+    if wc != weight.words.shape[-1]:
+        raise ValueError(f"activation has {wc} words per pixel, weight {weight.words.shape[-1]}")
+    ho, wo = conv_output_size(h, w, weight.kernel_size, stride, padding)
+    if backend(impl) == "ref":
+        out = reference_conv2d(a_words.numpy(), weight.words.numpy(), weight.cin, stride, padding, code)
+        return torch.from_numpy(out.astype(np.float32))
+    lib = library()
+    (kh, kw), (sh, sw), (ph, pw) = weight.kernel_size, stride, padding
+    y = torch.empty(b, weight.cout, ho, wo, dtype=torch.float32)
+    a_words = a_words.contiguous()
+    status = lib.bidm_conv2d(
+        _ptr(a_words), b, h, w, weight.cin, _ptr(weight.get_panel(lib)), _ptr(weight.tapsum), weight.cout,
+        kh, kw, sh, sw, ph, pw, ho, wo, _MODES[code], _ptr(y), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"bidm_conv2d failed with status {status} (kernel taps > 64 or out of memory)")
+    return y
+
+
+def binary_linear(
+    a_words: torch.Tensor, weight: KernelWeight, code: str = "pm1", *, impl: str | None = None
+) -> torch.Tensor:
+    """``F.linear(a, w)`` on codes from packed ``a`` [B, Wc]; float32 ``[B, Cout]`` of exact integers."""
+    y = binary_conv2d(a_words[:, None, None, :], weight, code=code, impl=impl)
+    return y.reshape(y.shape[0], y.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference twin (numpy): the same layout and algorithm, integer results
+
+
+def reference_conv2d(
+    a_words: np.ndarray,
+    w_words: np.ndarray,
+    cin: int,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    code: str = "pm1",
+) -> np.ndarray:
+    """int64 ``[B, Cout, Ho, Wo]`` dot products of packed codes; padded taps packed as zero words.
+
+    ``pm1``: ``dot = K - 2 popc(a ^ w) - sum over padded taps t of (Cin - 2 popc(w_t))``.
+    ``01``:  ``dot = popc(a) - 2 popc(a & w)``.
+    """
+    b, h, w, wc = a_words.shape
+    cout, kh, kw, _ = w_words.shape
+    (sh, sw), (ph, pw) = stride, padding
+    ho, wo = conv_output_size(h, w, (kh, kw), stride, padding)
+    padded = np.zeros((b, h + 2 * ph, w + 2 * pw, wc), dtype=np.int64)
+    padded[:, ph : ph + h, pw : pw + w] = a_words
+    valid = np.zeros((h + 2 * ph, w + 2 * pw), dtype=bool)
+    valid[ph : ph + h, pw : pw + w] = True
+    # cols[b, oh, ow, dy, dx, word] = padded[b, oh*sh + dy, ow*sw + dx, word]
+    cols = sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
+    cols = cols.transpose(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * wc)
+    is_pad = ~sliding_window_view(valid, (kh, kw))[: (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
+    is_pad = is_pad.reshape(ho * wo, kh * kw).astype(np.int64)
+    wm = w_words.reshape(cout, kh * kw * wc)
+    out = np.empty((b * ho * wo, cout), dtype=np.int64)
+    step = max(1, (1 << 22) // max(1, cout * wm.shape[1]))
+    for m0 in range(0, cols.shape[0], step):
+        rows = cols[m0 : m0 + step, None, :]
+        if code == "pm1":
+            out[m0 : m0 + step] = kh * kw * cin - 2 * pack.popcount(rows ^ wm[None]).sum(-1)
+        else:
+            out[m0 : m0 + step] = pack.popcount(rows).sum(-1) - 2 * pack.popcount(rows & wm[None]).sum(-1)
+    out = out.reshape(b, ho * wo, cout)
+    if code == "pm1":
+        tapsum = pack.tap_sums(torch.from_numpy(np.ascontiguousarray(w_words)), cin).numpy().astype(np.int64)
+        out = out - (is_pad @ tapsum.T)[None]  # [HoWo, T] @ [T, Cout]
+    return out.transpose(0, 2, 1).reshape(b, cout, ho, wo)

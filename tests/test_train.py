@@ -1,0 +1,140 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bidm import checkpoint
+from bidm.config import load_config
+from bidm.errors import CheckpointError, TrainingDiverged
+from bidm.train import BatchOrder, EpsObjective, run, schedule
+from bidm.unet import DDIMUNet
+
+TINY = [
+    "data.size=8",
+    "model.ch=32",
+    "model.ch_mult=[1, 2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[4]",
+    "model.in_channels=1",
+    "model.out_ch=1",
+    "model.resolution=8",
+    "model.dropout=0.1",
+    "train.batch_size=16",
+    "train.log_every=2",
+]
+
+
+def _train_cmd(out, steps, resume=False):
+    cmd = [sys.executable, "-m", "bidm.cli", "train", "--out", str(out), "--set", f"train.steps={steps}",
+           "--set", "train.ckpt_every=3"]
+    for o in TINY:
+        cmd += ["--set", o]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    steps = 12
+    subprocess.run(_train_cmd(tmp_path / "full", steps), check=True, env=_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / checkpoint.CKPT_NAME
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = checkpoint.load(killed).step
+    assert 0 < step_at_kill < steps, "the kill should land mid-run"
+
+    subprocess.run(_train_cmd(killed, steps, resume=True), check=True, env=_env(), capture_output=True)
+    a, b = load_file(tmp_path / "full" / checkpoint.CKPT_NAME), load_file(ckpt)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert checkpoint.load(ckpt).step == steps
+
+
+def test_existing_run_needs_resume(tmp_path):
+    cfg = load_config(None, TINY + ["train.steps=1"])
+    images = torch.rand(32, 1, 8, 8) * 2 - 1
+    run(cfg, DDIMUNet(cfg.model), EpsObjective(schedule(cfg)), images, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="--resume"):
+        run(cfg, DDIMUNet(cfg.model), EpsObjective(schedule(cfg)), images, out_dir=tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = load_config(None, TINY + ["train.steps=6", "train.ckpt_every=3"])
+    images = torch.rand(32, 1, 8, 8) * 2 - 1
+    model = DDIMUNet(cfg.model)
+
+    class PoisonAfter(EpsObjective):
+        def forward(self, model, x0, generator):
+            loss, logs = super().forward(model, x0, generator)
+            return (loss * float("nan") if self.calls >= 4 else loss), logs
+
+        def before_step(self, model, step, total):
+            self.calls = step
+
+    with pytest.raises(TrainingDiverged, match="step 4"):
+        run(cfg, model, PoisonAfter(schedule(cfg)), images, out_dir=tmp_path)
+    assert checkpoint.load(tmp_path).step == 3
+
+
+def test_atomic_save_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ck.safetensors"
+    checkpoint.save(path, model={"w": torch.ones(2)}, config={"a": 1}, step=1)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError):
+        checkpoint.save(path, model={"w": torch.zeros(2)}, config={"a": 1}, step=2)
+    assert checkpoint.load(path).step == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]  # no temp file left behind
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    checkpoint.save(path, model={"w": torch.ones(1000)}, config={}, step=1)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "missing")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not a bidm checkpoint"):
+        checkpoint.load(tmp_path / "other.safetensors")
+
+
+def test_optimizer_state_round_trips(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    checkpoint.save(tmp_path / "c.safetensors", model=model.state_dict(), optimizer=opt.state_dict(), config={}, step=1)
+    restored = torch.optim.Adam(model.parameters(), lr=1e-3)
+    restored.load_state_dict(checkpoint.load(tmp_path / "c.safetensors").optimizer)
+    for a, b in zip(opt.state.values(), restored.state.values()):
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+
+
+def test_batch_order_is_a_function_of_step():
+    order = BatchOrder(10, 3, seed=1)
+    first = [order.indices(s).tolist() for s in range(6)]
+    again = BatchOrder(10, 3, seed=1)
+    assert [again.indices(s).tolist() for s in (5, 0, 3)] == [first[5], first[0], first[3]]
+    assert sorted(sum(first[:3], [])) == sorted(set(sum(first[:3], [])))  # no repeats inside an epoch
