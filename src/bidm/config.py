@@ -64,10 +64,10 @@ class BinarizeConfig:
     tbs_alpha_init: float = 0.3  # paper 0.3; official CIFAR code 0.0
     train_cache: str = "t+1"  # t+1 (official) | sampler (cache from t + T/steps, matches sampling)
     # distillation
-    feature_loss: str = "spd"  # spd | l2 | none (BiDM default spd; baselines none)
+    feature_loss: str = "auto"  # spd | l2 | none | auto (= spd for bidm, none for the baselines; bidm.qat)
     spd_lambda: float = 1e-2  # code & paper App. A (LDM); paper CIFAR 3e-2; paper text "4"
     spd_p: int = 4
-    output_kd: float = 0.0  # weight of an optional MSE to the teacher's eps (not in the paper)
+    output_kd: float | None = None  # MSE to the teacher's eps; None = the method's recipe (bidm.qat.RECIPES)
     antithetic: bool = False  # CIFAR code draws half t and half T-1-t
 
 

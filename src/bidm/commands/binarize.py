@@ -1,0 +1,71 @@
+"""`bidm binarize`: binarize an FP teacher with a registered method and train it by distillation (QAT).
+
+The student is ``binarize_(copy of teacher, method)``: its latent weights start equal to the teacher's. Data,
+model and diffusion settings are inherited from a bidm teacher run unless overridden; every method trains with the
+same loop, optimizer, budget and data order. The output run directory is read by `bidm sample`, `bidm export` and
+`bidm evaluate` with no extra flags.
+"""
+
+from __future__ import annotations
+
+from bidm.commands.common import add_config_args, load_training_images
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("binarize", help="binarize an FP teacher and train it (QAT + distillation)", description=__doc__)
+    p.add_argument("--teacher", help="bidm run dir / official DDIM .ckpt / diffusers UNet2DModel dir")
+    p.add_argument("--method", help="a key of bidm.METHODS (xnor, xnorpp, dorefa, reactnet, reste, bbcu, efficientdm, bidm)")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    p.set_defaults(func=main)
+
+
+def build_config(args):
+    """Teacher run's data/model/diffusion/sample sections <- --config <- --set <- --teacher/--method/--out."""
+    from pathlib import Path
+
+    from bidm import checkpoint
+    from bidm.config import load_config
+    from bidm.errors import ConfigError
+
+    overrides = list(args.overrides)
+    if args.teacher:
+        overrides.append(f"binarize.teacher={args.teacher}")
+    if args.method:
+        overrides.append(f"binarize.method={args.method}")
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.data_path:
+        overrides.append(f"data.path={args.data_path}")
+    cfg = load_config(args.config, overrides)
+    if not cfg.binarize.teacher:
+        raise ConfigError("no teacher: pass --teacher (or binarize.teacher in the config)")
+    if cfg.binarize.method == "none":
+        raise ConfigError("no method: pass --method (one of bidm.METHODS)")
+    base = {}
+    teacher_ckpt = checkpoint.resolve(cfg.binarize.teacher)
+    if teacher_ckpt.suffix == ".safetensors" and Path(teacher_ckpt).is_file():
+        inherited = checkpoint.load(teacher_ckpt).config
+        base = {k: inherited[k] for k in ("data", "model", "diffusion", "sample")}
+    return load_config(args.config, overrides, base=base)
+
+
+def main(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from bidm.models import load_teacher, student_from_teacher
+    from bidm.qat import QATObjective, resolve_recipe
+    from bidm.train import run, schedule
+
+    cfg = resolve_recipe(build_config(args))
+    teacher, model_cfg = load_teacher(cfg.binarize.teacher, cfg.model)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    torch.manual_seed(cfg.train.seed)  # new binarizer parameters (shortcuts, thresholds) are seeded
+    student = student_from_teacher(teacher, cfg)
+    images = load_training_images(cfg)
+    objective = QATObjective(cfg, teacher, schedule(cfg))
+    path = run(cfg, student, objective, images, out_dir=cfg.out_dir, resume=args.resume)
+    print(f"checkpoint: {path}")
+    return 0
