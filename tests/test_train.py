@@ -30,8 +30,18 @@ TINY = [
 
 
 def _train_cmd(out, steps, resume=False):
-    cmd = [sys.executable, "-m", "bidm.cli", "train", "--out", str(out), "--set", f"train.steps={steps}",
-           "--set", "train.ckpt_every=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bidm.cli",
+        "train",
+        "--out",
+        str(out),
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "train.ckpt_every=3",
+    ]
     for o in TINY:
         cmd += ["--set", o]
     return cmd + (["--resume"] if resume else [])
@@ -46,7 +56,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     subprocess.run(_train_cmd(tmp_path / "full", steps), check=True, env=_env(), capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed, steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(killed, steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = killed / checkpoint.CKPT_NAME
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -124,7 +136,9 @@ def test_optimizer_state_round_trips(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    checkpoint.save(tmp_path / "c.safetensors", model=model.state_dict(), optimizer=opt.state_dict(), config={}, step=1)
+    checkpoint.save(
+        tmp_path / "c.safetensors", model=model.state_dict(), optimizer=opt.state_dict(), config={}, step=1
+    )
     restored = torch.optim.Adam(model.parameters(), lr=1e-3)
     restored.load_state_dict(checkpoint.load(tmp_path / "c.safetensors").optimizer)
     for a, b in zip(opt.state.values(), restored.state.values()):

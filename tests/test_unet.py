@@ -13,11 +13,23 @@ from bidm.unet import (
 
 # A handful of keys of the official pesser/pytorch_diffusion CIFAR-10 checkpoint (model-790000.ckpt).
 OFFICIAL_KEYS = [
-    "temb.dense.0.weight", "temb.dense.1.bias", "conv_in.weight", "down.0.block.0.norm1.weight",
-    "down.0.block.0.conv1.weight", "down.0.block.0.temb_proj.weight", "down.1.block.0.nin_shortcut.weight",
-    "down.1.attn.0.q.weight", "down.1.attn.1.proj_out.bias", "down.0.downsample.conv.weight",
-    "mid.block_1.conv2.weight", "mid.attn_1.k.weight", "up.3.block.2.nin_shortcut.weight",
-    "up.1.attn.2.v.weight", "up.1.upsample.conv.weight", "norm_out.weight", "conv_out.bias",
+    "temb.dense.0.weight",
+    "temb.dense.1.bias",
+    "conv_in.weight",
+    "down.0.block.0.norm1.weight",
+    "down.0.block.0.conv1.weight",
+    "down.0.block.0.temb_proj.weight",
+    "down.1.block.0.nin_shortcut.weight",
+    "down.1.attn.0.q.weight",
+    "down.1.attn.1.proj_out.bias",
+    "down.0.downsample.conv.weight",
+    "mid.block_1.conv2.weight",
+    "mid.attn_1.k.weight",
+    "up.3.block.2.nin_shortcut.weight",
+    "up.1.attn.2.v.weight",
+    "up.1.upsample.conv.weight",
+    "norm_out.weight",
+    "conv_out.bias",
 ]
 
 
@@ -99,8 +111,13 @@ def test_diffusers_unet_loads_from_local_directory(tmp_path):
     from diffusers import UNet2DModel
 
     unet = UNet2DModel(
-        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     )
     unet.save_pretrained(tmp_path / "unet")

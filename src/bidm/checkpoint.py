@@ -135,7 +135,9 @@ def load(path: str | Path) -> Checkpoint:
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {err}") from err
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {err}"
+        ) from err
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bidm checkpoint (format={meta.get('format')!r}, want {FORMAT})")
     return Checkpoint(path, tensors, meta)

@@ -134,3 +134,13 @@ def download_cifar10(directory: str | Path) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(directory, filter="data")
     return directory / "cifar-10-batches-py"
+
+
+def load_training_images(cfg) -> torch.Tensor:
+    """The training images of ``cfg.data`` (float [-1, 1] NCHW), shuffled by a seed and cut to ``data.limit``."""
+    d = cfg.data
+    images, _ = load_dataset(d.name, path=d.path, split=d.split, size=d.size, channels=d.channels)
+    if d.limit:
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        images = images[torch.randperm(len(images), generator=g)[: d.limit]]
+    return images

@@ -6,13 +6,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from bidm import checkpoint
 from bidm.config import Config, from_dict
 from bidm.errors import CheckpointError
-from bidm.unet import DiffusersUNet, UNetConfig, build_unet, read_official_state_dict, load_state_dict_reporting
+from bidm.unet import DiffusersUNet, UNetConfig, build_unet, load_state_dict_reporting, read_official_state_dict
 
 
 def uses_tbs(cfg: Config) -> bool:

@@ -16,6 +16,7 @@ Explicit values in the config (feature_loss other than "auto", output_kd not nul
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -85,3 +86,19 @@ class QATObjective(nn.Module):
         loss, logs = self.distill(model, x0, generator)
         logs["flip_ratio"] = self._flip_ratio
         return loss, logs
+
+
+def train_student(cfg: Config, *, resume: bool = False) -> Path:
+    """Load the teacher, binarize a copy of it with ``cfg.binarize.method`` and train it; returns the checkpoint."""
+    from bidm.data import load_training_images
+    from bidm.models import load_teacher, student_from_teacher
+    from bidm.train import run, schedule
+
+    cfg = resolve_recipe(cfg)
+    teacher, model_cfg = load_teacher(cfg.binarize.teacher, cfg.model)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    torch.manual_seed(cfg.train.seed)  # new binarizer parameters (shortcuts, thresholds) are seeded
+    student = student_from_teacher(teacher, cfg)
+    images = load_training_images(cfg)
+    objective = QATObjective(cfg, teacher, schedule(cfg))
+    return run(cfg, student, objective, images, out_dir=cfg.out_dir, resume=resume)

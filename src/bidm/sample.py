@@ -41,7 +41,13 @@ def generate(
     for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress):
         generator = torch.Generator().manual_seed(seed * 7_919 + start)
         x0 = ddim_sample(
-            model, x_T[start : start + batch_size].to(device), acp, steps=steps, eta=eta, skip=skip, generator=generator
+            model,
+            x_T[start : start + batch_size].to(device),
+            acp,
+            steps=steps,
+            eta=eta,
+            skip=skip,
+            generator=generator,
         )
         out.append(to_uint8(x0))
     return np.concatenate(out)

@@ -150,7 +150,9 @@ def run(
             )
 
     log_file = open(out_dir / "log.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not accelerator.is_main_process
+    )
     tick = time.perf_counter()
     for step in bar:
         torch.manual_seed(step_seed(t.seed, step, rank))  # dropout and any other global-RNG draw
@@ -185,3 +187,23 @@ def run(
         log_file.close()
     accelerator.end_training()
     return ckpt_path
+
+
+def train_teacher(cfg: Config, *, resume: bool = False) -> Path:
+    """Train the FP UNet of ``cfg.model`` on ``cfg.data``; returns the checkpoint path."""
+    from bidm.data import load_training_images
+    from bidm.unet import build_unet
+
+    if cfg.binarize.method != "none":
+        raise ConfigError("train_teacher trains FP models; binarized students go through bidm.qat.train_student")
+    images = load_training_images(cfg)
+    c, h = images.shape[1], images.shape[-1]
+    if c != cfg.model.in_channels or h != cfg.model.resolution:
+        raise ConfigError(
+            f"data gives [{c}, {h}, {h}] images but the model expects in_channels={cfg.model.in_channels}, "
+            f"resolution={cfg.model.resolution}: set model.in_channels/model.out_ch/model.resolution or data.size"
+        )
+    torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
+    model = build_unet(cfg.model)
+    objective = EpsObjective(schedule(cfg), reduction=cfg.train.loss_reduction, kind=cfg.train.loss_kind)
+    return run(cfg, model, objective, images, out_dir=cfg.out_dir, resume=resume)

@@ -8,13 +8,17 @@ same loop, optimizer, budget and data order. The output run directory is read by
 
 from __future__ import annotations
 
-from bidm.commands.common import add_config_args, load_training_images
+from bidm.commands.common import add_config_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("binarize", help="binarize an FP teacher and train it (QAT + distillation)", description=__doc__)
+    p = sub.add_parser(
+        "binarize", help="binarize an FP teacher and train it (QAT + distillation)", description=__doc__
+    )
     p.add_argument("--teacher", help="bidm run dir / official DDIM .ckpt / diffusers UNet2DModel dir")
-    p.add_argument("--method", help="a key of bidm.METHODS (xnor, xnorpp, dorefa, reactnet, reste, bbcu, efficientdm, bidm)")
+    p.add_argument(
+        "--method", help="a key of bidm.METHODS (xnor, xnorpp, dorefa, reactnet, reste, bbcu, efficientdm, bidm)"
+    )
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
     p.set_defaults(func=main)
@@ -51,21 +55,8 @@ def build_config(args):
 
 
 def main(args) -> int:
-    import dataclasses
+    from bidm.qat import train_student
 
-    import torch
-
-    from bidm.models import load_teacher, student_from_teacher
-    from bidm.qat import QATObjective, resolve_recipe
-    from bidm.train import run, schedule
-
-    cfg = resolve_recipe(build_config(args))
-    teacher, model_cfg = load_teacher(cfg.binarize.teacher, cfg.model)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
-    torch.manual_seed(cfg.train.seed)  # new binarizer parameters (shortcuts, thresholds) are seeded
-    student = student_from_teacher(teacher, cfg)
-    images = load_training_images(cfg)
-    objective = QATObjective(cfg, teacher, schedule(cfg))
-    path = run(cfg, student, objective, images, out_dir=cfg.out_dir, resume=args.resume)
+    path = train_student(build_config(args), resume=args.resume)
     print(f"checkpoint: {path}")
     return 0

@@ -10,7 +10,11 @@ from bidm.config import Config, load_config
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of overrides (defaults live in bidm/config.py)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config value, e.g. --set train.steps=500 --set data.size=16 (repeatable)",
     )
     parser.add_argument("--out", help="output directory (config key out_dir)")
@@ -24,17 +28,3 @@ def config_from_args(args: argparse.Namespace, extra: list[str] = ()) -> Config:
     if getattr(args, "data_path", None):
         overrides.append(f"data.path={args.data_path}")
     return load_config(args.config, overrides)
-
-
-def load_training_images(cfg: Config):
-    """The training images of ``cfg.data`` (float [-1, 1] NCHW), shuffled by a seed and cut to ``data.limit``."""
-    import torch
-
-    from bidm.data import load_dataset
-
-    d = cfg.data
-    images, _ = load_dataset(d.name, path=d.path, split=d.split, size=d.size, channels=d.channels)
-    if d.limit:
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        images = images[torch.randperm(len(images), generator=g)[: d.limit]]
-    return images

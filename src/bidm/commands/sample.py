@@ -38,7 +38,14 @@ def main(args) -> int:
 
     model, cfg = load_any(args.model, use_ema=not args.raw)
     images = generate(
-        model, cfg, n=args.n, batch_size=args.batch_size, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed
+        model,
+        cfg,
+        n=args.n,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        eta=args.eta,
+        skip=args.skip,
+        seed=args.seed,
     )
     src = Path(args.model)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)

@@ -1,0 +1,100 @@
+"""ReActNet: RSign (learnable per-channel shift) + ApproxSign backward, magnitude-aware sign weights, a shortcut
+around every binary conv, then RPReLU; plus the distributional loss as a training signal.
+
+Forward (conv)::
+
+    u = x + b_c                               (RSign: sign(x - beta_c) with beta_c = -b_c; ``act_shift``, init 0)
+    y = (sign(u) (*) sign(W)) . alpha [+ FP bias],   alpha_o = mean|W_o| (detached)
+    y = y + shortcut(x)                       (identity / avg-pool(stride) / FP 1x1 conv when Cin != Cout, scale 1)
+    out = RPReLU(y) = PReLU_beta(y - gamma) + zeta
+
+Linear layers: the same without a shortcut, except an identity one when in_features == out_features.
+
+Backward (STE)::
+
+    dL/du = dL/dsign(u) . max(0, 2 - 2|u|)               (ApproxSign, Bi-Real Net)
+    dL/dW = dL/d(alpha sign(W)) . 1_{|W| <= 1}           (clip STE on the effective weight)
+
+Choices: ReActNet's reduction blocks duplicate channels (Cout = 2 Cin); a UNet changes channels arbitrarily, so the
+Cin != Cout shortcut is BiDM's FP 1x1 conv. The shortcut is unscaled (ReActNet) and added before RPReLU (ReActNet
+block order). RPReLU's slope starts at 0.25 (``prelu_init``, nn.PReLU's default used by ReActNet).
+
+`distribution_loss` (also ``METHODS["reactnet"].extra_loss``) is ReActNet's KL distillation to the FP teacher,
+adapted to a dense output: each sample's flattened output is one distribution (softmax over all C*H*W entries).
+
+Reference: Liu et al., "ReActNet: Towards Precise Binary Neural Network with Generalized Activation Functions",
+ECCV 2020, §3.2 (RSign/RPReLU, Eq. 2-4), §3.3 (distributional loss, Eq. 8); Bi-Real Net (ECCV 2018) for ApproxSign.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bidm.binarize.core import (
+    RPReLU,
+    BinaryConv2d,
+    BinaryLinear,
+    approx_sign_grad,
+    clip_grad,
+    conv_shortcut,
+    grad_wrt_effective_weight,
+    mean_abs_per_out,
+    pick,
+    register,
+    sign_ste,
+)
+
+
+def distribution_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(p_T || p_S)`` averaged over the batch, ``p = softmax(out.flatten(1) / temperature)``; teacher detached."""
+    log_s = F.log_softmax(student_out.flatten(1) / temperature, dim=1)
+    log_t = F.log_softmax(teacher_out.detach().flatten(1) / temperature, dim=1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+class _ReAct:
+    method = "reactnet"
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        u = x + self.per_in(self.act_shift)
+        return sign_ste(u, approx_sign_grad(u))
+
+    def weight_scale(self) -> torch.Tensor:
+        return mean_abs_per_out(self.weight).detach()
+
+    def quantize_weight(self) -> torch.Tensor:
+        w = self.weight
+        return sign_ste(w, grad_wrt_effective_weight(clip_grad(w), self.weight_scale()))
+
+
+class ReActConv2d(_ReAct, BinaryConv2d):
+    def __init__(self, fp: nn.Conv2d, *, bias: bool, prelu_init: float):
+        super().__init__(fp, bias=bias)
+        self.act_shift = nn.Parameter(torch.zeros(self.in_channels))
+        self.shortcut = conv_shortcut(self, scale_init=None)
+        self.rprelu = RPReLU(self.out_channels, slope_init=prelu_init, channel_dim=1)
+
+    def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.add_bias(y * self.per_out(self.weight_scale()))
+        return self.rprelu(y + self.shortcut(x, y.shape[-2:]))
+
+
+class ReActLinear(_ReAct, BinaryLinear):
+    def __init__(self, fp: nn.Linear, *, bias: bool, prelu_init: float):
+        super().__init__(fp, bias=bias)
+        self.act_shift = nn.Parameter(torch.zeros(self.in_features))
+        self.rprelu = RPReLU(self.out_features, slope_init=prelu_init, channel_dim=-1)
+
+    def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.add_bias(y * self.weight_scale())
+        if self.in_features == self.out_features:
+            y = y + x
+        return self.rprelu(y)
+
+
+@register("reactnet", extra_loss=distribution_loss)
+def reactnet(fp: nn.Module, *, bias: bool = True, prelu_init: float = 0.25):
+    """ReActNet layer from an FP nn.Conv2d / nn.Linear."""
+    return pick(fp, ReActConv2d, ReActLinear, bias=bias, prelu_init=prelu_init)
