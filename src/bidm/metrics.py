@@ -27,22 +27,40 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((sigma1 sigma2)^(1/2)) for symmetric PSD covariances, via eigen-decompositions.
+
+    sigma1 sigma2 is similar to S = sigma1^(1/2) sigma2 sigma1^(1/2), which is symmetric PSD, so the trace of the
+    square root is sum(sqrt(eigvalsh(S))). Two symmetric eigen-decompositions are ~4x faster than ``scipy.linalg.sqrtm``
+    on a 2048-d product (23 s vs 75-82 s on this CPU under load) and agree with it to ~1e-11 on the trace.
+    """
+    w1, v1 = linalg.eigh(sigma1)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    eig = linalg.eigvalsh(root1 @ sigma2 @ root1)
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+
+
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6, method: str = "eigh"
 ) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
 
         ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
 
-    If the product is near-singular, sqrtm is retried on (sigma1 + eps I)(sigma2 + eps I); a small imaginary part
-    from numerical error is dropped, a large one raises.
+    ``method="eigh"`` (default) computes the trace term with `trace_sqrt_product`. ``method="sqrtm"`` is the
+    pytorch-fid/ADM computation: if the product is near-singular, sqrtm is retried on (sigma1 + eps I)(sigma2 + eps I);
+    a small imaginary part from numerical error is dropped, a large one raises.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-
     diff = mu1 - mu2
+    base = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2))
+    if method == "eigh":
+        return base - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    if method != "sqrtm":
+        raise ValueError(f"frechet_distance method must be 'eigh' or 'sqrtm', got {method!r}")
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"FID: singular product of covariances; adding {eps} to the diagonals", stacklevel=2)
@@ -52,7 +70,7 @@ def frechet_distance(
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"FID: sqrtm has a large imaginary component ({np.max(np.abs(covmean.imag)):.3g})")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return base - 2.0 * float(np.trace(covmean))
 
 
 def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
@@ -66,12 +84,12 @@ def _pairwise_sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def knn_radii(feats: np.ndarray, k: int = 3, batch_size: int = 1024) -> np.ndarray:
+def knn_radii(feats: np.ndarray, k: int = 3, batch_size: int = 256) -> np.ndarray:
     """Squared distance from every point to its k-th nearest neighbour in the same set (itself excluded)."""
-    feats = np.asarray(feats, dtype=np.float64)
+    feats = np.asarray(feats, dtype=np.float32)
     if len(feats) <= k:
         raise ValueError(f"k-NN radii need more than k={k} points, got {len(feats)}")
-    radii = np.empty(len(feats))
+    radii = np.empty(len(feats), dtype=np.float32)
     for start in range(0, len(feats), batch_size):
         d = _pairwise_sq_dists(feats[start : start + batch_size], feats)
         radii[start : start + batch_size] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
@@ -79,10 +97,10 @@ def knn_radii(feats: np.ndarray, k: int = 3, batch_size: int = 1024) -> np.ndarr
 
 
 def manifold_coverage(
-    manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, batch_size: int = 1024
+    manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
-    """Bool [len(queries)]: whether each query lies inside some ball B(manifold_i, radius_i)."""
-    manifold, queries = np.asarray(manifold, np.float64), np.asarray(queries, np.float64)
+    """Bool [len(queries)]: whether each query lies inside some ball B(manifold_i, radius_i) (squared radii)."""
+    manifold, queries = np.asarray(manifold, np.float32), np.asarray(queries, np.float32)
     inside = np.empty(len(queries), dtype=bool)
     for start in range(0, len(queries), batch_size):
         d = _pairwise_sq_dists(queries[start : start + batch_size], manifold)
@@ -90,13 +108,14 @@ def manifold_coverage(
     return inside
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 1024) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 256) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019).
 
     precision = share of fake points inside the real k-NN manifold; recall = share of real points inside the fake
     k-NN manifold. A manifold is the union of balls around each point with radius = distance to its k-th neighbour.
+    Distances are computed in float32, ``batch_size`` rows at a time (memory ~ batch_size x N x 8 bytes).
     """
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision_recall needs [N, D] arrays with equal D, got {real.shape} and {fake.shape}")
     precision = manifold_coverage(real, knn_radii(real, k, batch_size), fake, batch_size).mean()

@@ -4,8 +4,10 @@ diffusers directories) and binarized students (the FP UNet after `binarize_`, wr
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from bidm import checkpoint
@@ -23,13 +25,30 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
     """The student: ``binarize_`` on the given FP UNet (in place), plus the TBS wrapper for BiDM."""
     from bidm.binarize import binarize_
 
-    binarize_(unet, cfg.binarize.method, **cfg.binarize.options)
+    # one forward on dummy inputs creates shape-dependent parameters (XNOR++'s spatial scales) before the
+    # optimizer and the EMA see the model
+    res, ch = cfg.model.resolution, cfg.model.in_channels
+    device = next(unet.parameters()).device
+    example = (torch.zeros(1, ch, res, res, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    binarize_(unet, cfg.binarize.method, example_inputs=example, **cfg.binarize.options)
     if uses_tbs(cfg):
         from bidm.tbs import CrossTimestep
 
         b = cfg.binarize
+        n_blocks = b.tbs_blocks
+        if n_blocks > unet.num_output_blocks():
+            n_blocks = unet.num_output_blocks()
+            warnings.warn(
+                f"binarize.tbs_blocks={b.tbs_blocks} but the UNet has {n_blocks} output blocks: mixing all {n_blocks}",
+                stacklevel=2,
+            )
         return CrossTimestep(
-            unet, n_blocks=b.tbs_blocks, alpha_init=b.tbs_alpha_init, num_timesteps=cfg.diffusion.num_timesteps
+            unet,
+            n_blocks=n_blocks,
+            alpha_init=b.tbs_alpha_init,
+            num_timesteps=cfg.diffusion.num_timesteps,
+            train_cache=b.train_cache,
+            sampler_steps=cfg.sample.steps,
         )
     return unet
 

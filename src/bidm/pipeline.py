@@ -67,7 +67,7 @@ def ensure_samples(run_dir: Path, *, n: int, steps: int, seed: int = 0, batch_si
 def ensure_summary(run_dir: Path) -> dict:
     """``summary.json``: the efficiency totals of the run's model (bidm.summary) plus its method name."""
     from bidm.models import load_model
-    from bidm.summary import summarize
+    from bidm.profile import summarize
 
     path = run_dir / "summary.json"
     if path.is_file():
@@ -93,8 +93,14 @@ def ensure_metrics(run_dir: Path, cfg: Config, *, feature_spaces: dict[str, int]
     d = cfg.data
     results = [
         evaluate_samples(
-            run_dir / "samples.npz", dataset=d.name, feature_space=space, n=n, n_ref=n_ref, data_path=d.path,
-            split=d.split, cache_dir=cache_dir,
+            run_dir / "samples.npz",
+            dataset=d.name,
+            feature_space=space,
+            n=n,
+            n_ref=n_ref,
+            data_path=d.path,
+            split=d.split,
+            cache_dir=cache_dir,
         )  # fmt: skip
         for space, n in feature_spaces.items()
     ]

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+# One import per method file; tests/test_binarize.py checks every file of this folder is registered.
+from bidm.binarize import bbcu, bidm, dorefa, efficientdm, reactnet, reste, xnor, xnorpp  # noqa: F401
 from bidm.binarize.core import METHODS, BinaryConv2d, BinaryLayer, BinaryLinear, Method, register
 from bidm.errors import BidmError, CheckpointError
-
-# One import per method file; tests/test_binarize.py checks every file of this folder is registered.
-from bidm.binarize import xnor, xnorpp, dorefa, reactnet, reste, bbcu, efficientdm, bidm  # noqa: E402, F401, I001
 
 __all__ = [
     "METHODS",
@@ -38,6 +37,7 @@ __all__ = [
     "binarize_",
     "default_filter",
     "get_method",
+    "has_lazy_parameters",
     "load_fp_state_dict",
     "matches",
     "register",
@@ -49,7 +49,15 @@ __all__ = [
 # anywhere in a module name: DDIM (temb.dense, conv_in/out, nin_shortcut), diffusers (time_embedding, conv_in/out,
 # conv_shortcut), LDM (time_embed, input_blocks.0.0 = first conv, out.2 = last conv, skip_connection).
 SKIP_CONVS = ("nin_shortcut", "conv_shortcut", "skip_connection")
-FP_KEPT = ("conv_in", "conv_out", "temb.dense", "time_embedding", "time_embed", "input_blocks.0.0", "out.2") + SKIP_CONVS
+FP_KEPT = (
+    "conv_in",
+    "conv_out",
+    "temb.dense",
+    "time_embedding",
+    "time_embed",
+    "input_blocks.0.0",
+    "out.2",
+) + SKIP_CONVS
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -74,7 +82,12 @@ def _is_candidate(module: nn.Module) -> bool:
 
 
 def binarize_(
-    model: nn.Module, method: str, *, filter_fn: Callable[[nn.Module, str], bool] | None = None, **options
+    model: nn.Module,
+    method: str,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    example_inputs: tuple | None = None,
+    **options,
 ) -> nn.Module:
     """Replace, in place, each nn.Conv2d / nn.Linear for which ``filter_fn(module, name)`` is True by the method's
     binarized layer, built from the FP layer (latent weights are copies of the FP weights).
@@ -83,11 +96,13 @@ def binarize_(
         model: any nn.Module; a bare Conv2d/Linear is not swapped in place, its binarized version is returned.
         method: a key of `METHODS`.
         filter_fn: ``(module, name) -> bool``, True = binarize; default `default_filter`.
+        example_inputs: arguments of one forward, e.g. ``(x, t)`` (any values, any batch size). Methods with
+            shape-dependent parameters (``xnorpp``'s spatial scales Gamma_h, Gamma_w) create them at the first forward;
+            with ``example_inputs`` that forward runs here (no grad), so the optimizer and an EMA copy built next see
+            the final shapes. Ignored when the model has no such parameter.
         **options: keyword options of the method's factory (see ``METHODS[method].options``).
 
     Returns the model. Layers inside already-binarized layers (e.g. BiDM's FP shortcut conv) are never touched.
-    Methods with shape-dependent parameters (``xnorpp``'s spatial scales) create them at the first forward: run one
-    forward before building the optimizer / EMA copy.
     """
     entry = get_method(method)
     entry.check_options(options)
@@ -105,7 +120,17 @@ def binarize_(
             setattr(model.get_submodule(parent_name), child, entry(module, **options))
     if entry.prepare_model is not None:
         entry.prepare_model(model)
+    if example_inputs is not None and has_lazy_parameters(model):
+        with torch.no_grad():
+            model(*example_inputs)
     return model
+
+
+def has_lazy_parameters(model: nn.Module) -> bool:
+    """True while a binarized layer still has a parameter waiting for its first forward (shape [0])."""
+    return any(
+        p.numel() == 0 for m in model.modules() if isinstance(m, BinaryLayer) for p in m.parameters(recurse=False)
+    )
 
 
 def set_timestep(model: nn.Module, t: torch.Tensor | int) -> bool:
@@ -139,7 +164,9 @@ class LoadReport:
     initialised: list[str]
 
 
-def load_fp_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, new_keys: Iterable[str] = ()) -> LoadReport:
+def load_fp_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, new_keys: Iterable[str] = ()
+) -> LoadReport:
     """Load a full-precision checkpoint into a binarized model.
 
     Every FP key must load: a checkpoint key the model lacks (other than a dropped FP bias of a binarized layer), a
@@ -161,12 +188,16 @@ def load_fp_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
     missing = sorted(k for k in own if k not in state_dict and k not in new)
     shapes = sorted(k for k in own if k in state_dict and own[k].shape != state_dict[k].shape and own[k].numel())
     if unexpected or missing or shapes:
-        parts = [f"{what} {len(keys)} key(s) {keys[:6]}" for what, keys in
-                 (("unexpected", unexpected), ("missing", missing), ("shape mismatch for", shapes)) if keys]
+        parts = [
+            f"{what} {len(keys)} key(s) {keys[:6]}"
+            for what, keys in (("unexpected", unexpected), ("missing", missing), ("shape mismatch for", shapes))
+            if keys
+        ]
         raise CheckpointError("FP checkpoint does not fit the binarized model: " + "; ".join(parts))
     loadable = {k: v for k, v in state_dict.items() if k in own}
     model.load_state_dict(loadable, strict=False)
     return LoadReport(
-        loaded=sorted(loadable), dropped=sorted(k for k in state_dict if k in dropped),
+        loaded=sorted(loadable),
+        dropped=sorted(k for k in state_dict if k in dropped),
         initialised=sorted(k for k in new if k not in state_dict),
     )

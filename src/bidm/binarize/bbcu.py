@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 
 from bidm.binarize.core import (
-    RPReLU,
     BinaryConv2d,
     BinaryLinear,
+    RPReLU,
     approx_sign_grad,
     clip_grad,
     conv_shortcut,

@@ -141,6 +141,11 @@ class BinaryLayer(nn.Module):
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def weight_scale(self) -> torch.Tensor:
+        """The real-valued weight factor ``postprocess`` applies ([Cout] or a scalar). Every method computes it here
+        and only here from the latent weight, so an exporter can freeze it and drop the latent weight."""
+        raise NotImplementedError
+
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.per_out(self.bias)
 
@@ -304,15 +309,14 @@ class Method:
     """One registry entry: a layer factory ``factory(fp_layer, **options) -> BinaryConv2d | BinaryLinear``.
 
     ``options`` are the factory's keyword defaults. ``prepare_model(model)`` runs once after `binarize_` swapped the
-    layers (model-level state, e.g. a timestep hook). ``extra_loss`` is an optional training signal of the method
-    (e.g. ReActNet's distribution loss) for the trainer to add; it is never called by the layers.
+    layers (model-level state, e.g. a timestep hook). Per-method training signals (ReActNet's distribution loss,
+    EfficientDM's output distillation) are training recipes and live in `bidm.qat.RECIPES`, not here.
     """
 
     name: str
     factory: Callable[..., BinaryLayer]
     options: dict[str, Any] = field(default_factory=dict)
     prepare_model: Callable[[nn.Module], None] | None = None
-    extra_loss: Callable[..., torch.Tensor] | None = None
 
     def check_options(self, options: dict) -> None:
         unknown = sorted(set(options) - set(self.options))
@@ -333,7 +337,7 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, prepare_model=None, extra_loss=None):
+def register(name: str, *, prepare_model=None):
     """Decorator placing a layer factory in `METHODS` under ``name`` (= its file name = the config/CLI value)."""
 
     def wrap(factory):
@@ -344,7 +348,7 @@ def register(name: str, *, prepare_model=None, extra_loss=None):
             for p in inspect.signature(factory).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        METHODS[name] = Method(name, factory, defaults, prepare_model, extra_loss)
+        METHODS[name] = Method(name, factory, defaults, prepare_model)
         return factory
 
     return wrap

@@ -20,9 +20,9 @@ Backward (LSQ on the two-level quantizer q = s . sign(v / s))::
 with N the weights per output channel (s_w) or the features per sample (s_a); W0 gets no gradient, A and B do.
 The timestep comes from the model: ``binarize_`` puts a `TimestepContext` pre-hook on the model, so ``model(x, t)``
 sets it; `bidm.binarize.set_timestep` sets it by hand. Init: s_w = mean|W0_o| (the L2-optimal two-level scale);
-s_a[k] = mean|x| of the first batch seen at bucket k (``act_step_ready`` marks initialised buckets; it is a buffer,
-so loading a checkpoint keeps the calibration); A ~ kaiming-uniform, B = 0. ``lora_A``/``lora_B`` fold into the
-weight at export (``merged_into_weight``).
+s_a[k] = mean|x| of the first training-mode batch seen at bucket k, 1 until then (``act_step_ready`` marks the
+calibrated buckets; it is a buffer, so a loaded checkpoint keeps its calibration); A ~ kaiming-uniform, B = 0.
+``lora_A`` / ``lora_B`` fold into the weight at export (``merged_into_weight``).
 
 Reference: He et al., "EfficientDM: Efficient Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models",
 ICLR 2024, §3.2 (QALoRA) and §3.3 (TALSQ); Esser et al., "Learned Step Size Quantization", ICLR 2020 (Eq. 3-5);
@@ -72,14 +72,14 @@ class _EfficientDM:
         self.act_step = nn.Parameter(torch.ones(n_steps))
         self.register_buffer("act_step_ready", torch.zeros(n_steps, dtype=torch.bool))
         self.n_steps, self.num_timesteps = n_steps, num_timesteps
-        self.timestep_ctx: TimestepContext | None = None
+        self.timestep_ctx = TimestepContext()  # replaced by the model's shared context in `attach_timestep`
 
     def latent_weight(self) -> torch.Tensor:
         return self.weight + (self.lora_B @ self.lora_A).reshape(self.weight.shape)
 
     def step_sizes(self, x: torch.Tensor) -> torch.Tensor:
         """s_a of each sample, [B], from the timestep of the forward in progress (initialised on first sight)."""
-        t = None if self.timestep_ctx is None else self.timestep_ctx.t
+        t = self.timestep_ctx.t
         if t is None:
             raise BidmError(
                 "efficientdm layers need the timestep: call the binarized model as model(x, t), or "
@@ -89,7 +89,7 @@ class _EfficientDM:
         if t.shape[0] != x.shape[0]:
             raise BidmError(f"efficientdm: {t.shape[0]} timesteps for a batch of {x.shape[0]}")
         k = (t * self.n_steps // self.num_timesteps).clamp(0, self.n_steps - 1)
-        if not x.is_meta:
+        if self.training and not x.is_meta:
             self._calibrate(x, k)
         g = 1.0 / math.sqrt(x[0].numel())
         return scale_grad(self.act_step, g)[k].clamp_min(EPS)
@@ -101,25 +101,22 @@ class _EfficientDM:
             self.act_step[k[new]] = x[new].abs().flatten(1).mean(1).clamp_min(EPS).to(self.act_step.dtype)
             self.act_step_ready[k[new]] = True
 
+    def weight_scale(self) -> torch.Tensor:
+        """s_w, [Cout], with LSQ gradient scaling."""
+        return scale_grad(self.weight_step, 1.0 / math.sqrt(self.weight[0].numel())).clamp_min(EPS)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.step_sizes(x).reshape(-1, *([1] * (x.dim() - 1)))
-        self._act_scale = s
-        v = x / s
+        v = x / self.step_sizes(x).reshape(-1, *([1] * (x.dim() - 1)))
         return sign_ste(v, clip_grad(v))
 
     def quantize_weight(self) -> torch.Tensor:
         w = self.latent_weight()
-        g = 1.0 / math.sqrt(w[0].numel())
-        s = scale_grad(self.weight_step, g).clamp_min(EPS)
-        self._weight_scale = s
-        v = w / s.reshape(-1, *([1] * (w.dim() - 1)))
+        v = w / self.weight_scale().reshape(-1, *([1] * (w.dim() - 1)))
         return sign_ste(v, clip_grad(v))
 
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        s_a = self._act_scale.reshape(-1, *([1] * (y.dim() - 1)))
-        y = y * self.per_out(self._weight_scale) * s_a
-        self._act_scale = self._weight_scale = None
-        return self.add_bias(y)
+        s_a = self.step_sizes(x).reshape(-1, *([1] * (y.dim() - 1)))
+        return self.add_bias(y * self.per_out(self.weight_scale()) * s_a)
 
 
 class EfficientDMConv2d(_EfficientDM, BinaryConv2d):
@@ -137,10 +134,11 @@ class EfficientDMLinear(_EfficientDM, BinaryLinear):
 def attach_timestep(model: nn.Module) -> None:
     """Share one `TimestepContext` among the model's EfficientDM layers; the model's pre-hook fills it."""
     layers = [m for m in model.modules() if isinstance(m, _EfficientDM)]
-    ctx = next((m.timestep_ctx for m in layers if m.timestep_ctx is not None), None) or TimestepContext()
+    hooked = [h for h in model._forward_pre_hooks.values() if isinstance(h, TimestepContext)]
+    ctx = hooked[0] if hooked else TimestepContext()
     for m in layers:
         m.timestep_ctx = ctx
-    if layers and not any(h is ctx for h in model._forward_pre_hooks.values()):
+    if layers and not hooked:
         model.register_forward_pre_hook(ctx, with_kwargs=True)
 
 
@@ -149,5 +147,6 @@ def efficientdm(fp: nn.Module, *, bias: bool = True, rank: int = 32, n_steps: in
     """EfficientDM (QALoRA + LSQ + TALSQ) W1A1 layer from an FP nn.Conv2d / nn.Linear."""
     if rank < 1 or n_steps < 1 or num_timesteps < n_steps:
         raise BidmError(f"efficientdm needs rank >= 1 and 1 <= n_steps <= num_timesteps; got {rank}, {n_steps}")
-    return pick(fp, EfficientDMConv2d, EfficientDMLinear, bias=bias, rank=rank, n_steps=n_steps,
-                num_timesteps=num_timesteps)
+    return pick(
+        fp, EfficientDMConv2d, EfficientDMLinear, bias=bias, rank=rank, n_steps=n_steps, num_timesteps=num_timesteps
+    )

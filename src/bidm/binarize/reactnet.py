@@ -19,8 +19,10 @@ Choices: ReActNet's reduction blocks duplicate channels (Cout = 2 Cin); a UNet c
 Cin != Cout shortcut is BiDM's FP 1x1 conv. The shortcut is unscaled (ReActNet) and added before RPReLU (ReActNet
 block order). RPReLU's slope starts at 0.25 (``prelu_init``, nn.PReLU's default used by ReActNet).
 
-`distribution_loss` (also ``METHODS["reactnet"].extra_loss``) is ReActNet's KL distillation to the FP teacher,
-adapted to a dense output: each sample's flattened output is one distribution (softmax over all C*H*W entries).
+ReActNet's distributional loss (KL to the FP network's output distribution) is a training signal, not a layer: for an
+eps-predicting Gaussian model the KL between N(eps_T, s^2 I) and N(eps_S, s^2 I) is ||eps_T - eps_S||^2 / 2s^2, so
+bidm's trainer realises it as output distillation (``binarize.output_kd``, set to 1 by the reactnet recipe in
+`bidm.qat.RECIPES`).
 
 Reference: Liu et al., "ReActNet: Towards Precise Binary Neural Network with Generalized Activation Functions",
 ECCV 2020, §3.2 (RSign/RPReLU, Eq. 2-4), §3.3 (distributional loss, Eq. 8); Bi-Real Net (ECCV 2018) for ApproxSign.
@@ -30,12 +32,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bidm.binarize.core import (
-    RPReLU,
     BinaryConv2d,
     BinaryLinear,
+    RPReLU,
     approx_sign_grad,
     clip_grad,
     conv_shortcut,
@@ -45,13 +46,6 @@ from bidm.binarize.core import (
     register,
     sign_ste,
 )
-
-
-def distribution_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """``KL(p_T || p_S)`` averaged over the batch, ``p = softmax(out.flatten(1) / temperature)``; teacher detached."""
-    log_s = F.log_softmax(student_out.flatten(1) / temperature, dim=1)
-    log_t = F.log_softmax(teacher_out.detach().flatten(1) / temperature, dim=1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
 class _ReAct:
@@ -94,7 +88,7 @@ class ReActLinear(_ReAct, BinaryLinear):
         return self.rprelu(y)
 
 
-@register("reactnet", extra_loss=distribution_loss)
+@register("reactnet")
 def reactnet(fp: nn.Module, *, bias: bool = True, prelu_init: float = 0.25):
     """ReActNet layer from an FP nn.Conv2d / nn.Linear."""
     return pick(fp, ReActConv2d, ReActLinear, bias=bias, prelu_init=prelu_init)

@@ -60,8 +60,11 @@ class _ReSTE:
     def quantize_weight(self) -> torch.Tensor:
         return sign_ste(self.weight, reste_grad(self.weight, self.o, self.t))
 
+    def weight_scale(self) -> torch.Tensor:
+        return self.weight.abs().mean()  # not detached: the official code backpropagates through it
+
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.add_bias(y * self.weight.abs().mean())
+        return self.add_bias(y * self.weight_scale())
 
 
 class ReSTEConv2d(_ReSTE, BinaryConv2d):

@@ -14,8 +14,9 @@ Backward (STE)::
 
 Shape choice: ``gamma_h`` / ``gamma_w`` need the conv's output size, which an nn.Conv2d does not know. They are
 created (as ones) at the first forward, with shape [0] until then; loading a state_dict resizes them from the
-checkpoint. Run one forward before building the optimizer or an EMA copy. After that the layer only accepts inputs
-giving the same output size (Gamma is constant at inference, as in the paper).
+checkpoint. Run one forward before building the optimizer or an EMA copy (``binarize_(model, "xnorpp",
+example_inputs=(x, t))`` does it). After that the layer only accepts inputs giving the same output size (Gamma is
+constant at inference, as in the paper); ``factors="c"`` has no spatial factor and no lazy shape.
 
 Reference: Bulat & Tzimiropoulos, "XNOR-Net++: Improved Binary Neural Networks", BMVC 2019, §3 (Eq. 4-6, case 1);
 BiDM reference §6 (the paper blames the static Gamma for its collapse, FID 319).
@@ -39,6 +40,9 @@ class _XnorPP:
     def quantize_weight(self) -> torch.Tensor:
         return sign_ste(self.weight, clip_grad(self.weight))
 
+    def weight_scale(self) -> torch.Tensor:
+        return self.gamma_out
+
     def init_gamma(self) -> None:
         self.gamma_out = nn.Parameter(mean_abs_per_out(self.weight).detach().clone())
 
@@ -54,7 +58,7 @@ class XnorPPConv2d(_XnorPP, BinaryConv2d):
             self.register_load_state_dict_pre_hook(_resize_from_checkpoint)
 
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = y * self.per_out(self.gamma_out)
+        y = y * self.per_out(self.weight_scale())
         if self.factors == "chw":
             h, w = y.shape[-2:]
             if self.gamma_h.numel() == 0:
@@ -75,7 +79,7 @@ class XnorPPLinear(_XnorPP, BinaryLinear):
         self.init_gamma()
 
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.add_bias(y * self.gamma_out)
+        return self.add_bias(y * self.weight_scale())
 
 
 def _resize_from_checkpoint(module, state_dict, prefix, *args) -> None:

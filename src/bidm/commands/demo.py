@@ -52,8 +52,14 @@ def main(args) -> int:
 
     from bidm.config import load_config
     from bidm.evaluate import compare_runs
-    from bidm.pipeline import ensure_metrics, ensure_samples, ensure_student, ensure_summary, ensure_teacher
-    from bidm.pipeline import student_config
+    from bidm.pipeline import (
+        ensure_metrics,
+        ensure_samples,
+        ensure_student,
+        ensure_summary,
+        ensure_teacher,
+        student_config,
+    )
 
     out = Path(args.out)
     start = time.perf_counter()
@@ -72,11 +78,11 @@ def main(args) -> int:
     spaces = {"domain": args.n_samples}
     if args.inception:
         spaces["inception"] = min(args.inception, args.n_samples)
-    for name, run_dir in runs.items():
+    for run_dir in runs.values():
         ensure_samples(run_dir, n=args.n_samples, steps=args.sample_steps, batch_size=250)
         ensure_summary(run_dir)
     print(f"[4/4] scoring ({', '.join(spaces)}) and writing the report")
-    for name, run_dir in runs.items():
+    for run_dir in runs.values():
         ensure_metrics(run_dir, teacher_cfg, feature_spaces=spaces)
     report = compare_runs(list(runs.values()), out, labels=list(runs))
     md = (out / "comparison.md").read_text()

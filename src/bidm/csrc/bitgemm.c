@@ -126,6 +126,8 @@ void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, 
 #endif
 #define NIB 0x0f0f0f0f0f0f0f0fULL
 
+int bidm_panel_width(void) { return NR; }
+
 int64_t bidm_panel_words(int64_t Cout, int64_t KW) { return (Cout + NR - 1) / NR * KW * NR * SPLIT; }
 
 void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *panel) {
@@ -223,7 +225,7 @@ DEFINE_MICRO_SCALAR(micro_and, &)
  * Binary conv2d (and linear, as a 1x1 conv on a 1x1 image).
  *
  * a      [B, H, W, Wc] packed activations          panel  from bidm_make_panel(w [Cout, kh*kw*Wc])
- * tapsum_t [kh*kw, Cout] int32, Cin - 2 popc(w[o,t]) (read for mode 0 only, where a tap may be padded)
+ * tapsum_t [kh*kw, NR*ceil(Cout/NR)] int32, Cin - 2 popc(w[o,t]), zero past Cout (read for mode 0 only)
  * y      [B, Cout, Ho, Wo] float32 written with the exact integer dot products.
  * Padding is (top, left) = (ph, pw); bottom/right padding is whatever Ho, Wo imply.
  */
@@ -320,22 +322,24 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                     else
                         micro_xor(rows + i0 * KW * SPLIT, KW, P, cnt);
                     const int32_t *bs = base + i0;
-                    const int padded = !mode && (padmask[i0] | padmask[i0 + 1] | padmask[i0 + 2] | padmask[i0 + 3]);
-                    if (!padded && i0 + MR <= nm && ybase[i0 + MR - 1] == ybase[i0] + MR - 1) {
+                    int32_t v[NR][MR];
+                    for (int j = 0; j < NR; j++)
+                        for (int i = 0; i < MR; i++) v[j][i] = bs[i] - 2 * cnt[j][i];
+                    if (!mode && (padmask[i0] | padmask[i0 + 1] | padmask[i0 + 2] | padmask[i0 + 3])) {
+                        /* padded taps of pm1 inputs were packed as +1: take back what they added */
+                        for (int i = 0; i < MR; i++)
+                            for (uint64_t pm = padmask[i0 + i]; pm; pm &= pm - 1) {
+                                const int32_t *ts = tapsum_t + __builtin_ctzll(pm) * npan * NR + pb * NR;
+                                for (int j = 0; j < NR; j++) v[j][i] -= ts[j];
+                            }
+                    }
+                    if (i0 + MR <= nm && ybase[i0 + MR - 1] == ybase[i0] + MR - 1) {
                         float *yo = ybase[i0] + pb * NR * HWo; /* MR adjacent outputs per channel */
                         for (int64_t j = 0; j < nj; j++)
-                            for (int i = 0; i < MR; i++) yo[j * HWo + i] = (float)(bs[i] - 2 * cnt[j][i]);
-                        continue;
-                    }
-                    for (int64_t i = i0; i < i0 + MR && i < nm; i++) {
-                        int32_t v[NR];
-                        for (int64_t j = 0; j < NR; j++) v[j] = bs[i - i0] - 2 * cnt[j][i - i0];
-                        /* padded taps of pm1 inputs were packed as +1: take back what they added */
-                        for (uint64_t pm = mode ? 0 : padmask[i]; pm; pm &= pm - 1) {
-                            const int32_t *ts = tapsum_t + __builtin_ctzll(pm) * Cout + pb * NR;
-                            for (int64_t j = 0; j < nj; j++) v[j] -= ts[j];
-                        }
-                        for (int64_t j = 0; j < nj; j++) ybase[i][(pb * NR + j) * HWo] = (float)v[j];
+                            for (int i = 0; i < MR; i++) yo[j * HWo + i] = (float)v[j][i];
+                    } else {
+                        for (int64_t i = 0; i < MR && i0 + i < nm; i++)
+                            for (int64_t j = 0; j < nj; j++) ybase[i0 + i][(pb * NR + j) * HWo] = (float)v[j][i];
                     }
                 }
             }

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
 from bidm.export import pack
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bitgemm.c"
 ABI_VERSION = 1
+PANEL_WIDTH = 8  # NR of bitgemm.c: output channels per weight panel
 _MODES = {"pm1": 0, "01": 1}
 
 _state: dict = {"lib": None, "tried": False, "info": {}, "warned": False}
@@ -118,7 +120,7 @@ def _build_and_load() -> ctypes.CDLL | None:
             except OSError as err:
                 errors.append(str(err))
                 continue
-            if lib.bidm_abi_version() != ABI_VERSION:
+            if lib.bidm_abi_version() != ABI_VERSION or lib.bidm_panel_width() != PANEL_WIDTH:
                 errors.append(f"{path}: ABI {lib.bidm_abi_version()} != {ABI_VERSION}")
                 continue
             info.update(path=str(path), compiler=cc, flags=" ".join(flags))
@@ -204,14 +206,15 @@ class KernelWeight:
 
     words: torch.Tensor
     cin: int
-    tapsum: torch.Tensor = field(init=False)  # int32 [kh*kw, Cout]: Cin - 2 popc(w[o, t])
+    tapsum: torch.Tensor = field(init=False)  # int32 [kh*kw, Cout rounded up to 8]: Cin - 2 popc(w[o, t])
     panel: torch.Tensor | None = field(init=False, default=None)  # kernel-native interleaving, C backend only
 
     def __post_init__(self):
         if self.words.dim() == 2:  # linear [Cout, Wc] -> [Cout, 1, 1, Wc]
             self.words = self.words[:, None, None, :]
         self.words = self.words.contiguous()
-        self.tapsum = pack.tap_sums(self.words, self.cin).T.contiguous()
+        sums = pack.tap_sums(self.words, self.cin).T  # [T, Cout]
+        self.tapsum = F.pad(sums, (0, -self.cout % PANEL_WIDTH)).contiguous()  # zero columns up to the panel width
 
     @property
     def cout(self) -> int:

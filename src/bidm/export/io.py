@@ -1,0 +1,204 @@
+"""The packed model file: one safetensors file, nothing pickled.
+
+Tensors: the packed model's state dict. Binarized weights are ``<layer>.weight_bits`` (int64 words, layout
+`bidm.export.pack.LAYOUT`); every other tensor (FP layers, ``weight_alpha``, thresholds, k-convs, shortcut
+convs/scales, RPReLU, Gamma, TBS alpha table, ...) is stored as it is in the model (FP32 for a FP32 model).
+
+Metadata (safetensors string fields): ``format`` = `FORMAT`, ``layout`` = `pack.LAYOUT`, and ``bidm`` = JSON with
+``format_version``, ``layout`` (the spec in words), ``layers`` (per packed layer: kind, class, method, a_code,
+in/out channels, kernel, stride, padding, words per tap) and ``config`` (the resolved bidm config, from which
+`load_packed` rebuilds the architecture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from bidm.errors import CheckpointError
+from bidm.export import pack
+from bidm.export.packed_layers import PackedBinaryConv2d, is_packed, pack_
+
+FORMAT = "bidm-packed"
+FORMAT_VERSION = 1
+LAYOUT_SPEC = (
+    "bit 1 = code -1 (pm1) or code 1 (01); 64 codes per int64 word along the reduction axis, little-endian bit "
+    "order (element c -> word c//64, bit c%64); padding bits 0; conv weight [Cout, kh, kw, ceil(Cin/64)] (reduction "
+    "order tap row, tap column, channel); linear weight [Cout, ceil(Cin/64)]; zero padding of the binarized input "
+    "contributes 0"
+)
+
+
+def layer_geometry(name: str, layer: nn.Module) -> dict:
+    geom = {
+        "class": layer.fake_class.__name__,
+        "method": layer.method,
+        "a_code": layer.a_code,
+        "words": int(layer.weight_bits.shape[-1]),
+        "weight_alpha": layer.has_weight_alpha(),
+    }
+    if isinstance(layer, PackedBinaryConv2d):
+        geom.update(
+            kind="conv2d", in_channels=layer.in_channels, out_channels=layer.out_channels,
+            kernel_size=list(layer.kernel_size), stride=list(layer.stride), padding=list(layer.packed_padding),
+        )  # fmt: skip
+    else:
+        geom.update(kind="linear", in_features=layer.in_features, out_features=layer.out_features)
+    return geom
+
+
+def save_packed(model: nn.Module, path: str | Path, config: dict | None = None) -> Path:
+    """Write a packed model (after `pack_`) and its config to one safetensors file, atomically."""
+    layers = {name: layer_geometry(name, m) for name, m in model.named_modules() if is_packed(m)}
+    if not layers:
+        raise ValueError("save_packed: the model has no packed binary layers; run bidm.export.pack_(model) first")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    header = {
+        "format_version": FORMAT_VERSION,
+        "layout": {"name": pack.LAYOUT, "spec": LAYOUT_SPEC},
+        "layers": layers,
+        "config": config or {},
+    }
+    meta = {"format": FORMAT, "layout": pack.LAYOUT, "bidm": json.dumps(header)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a model file is as readable as any other file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of a packed file, validated; no model is built."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"packed model {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is not a safetensors file: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a bidm packed model (format {meta.get('format')!r})")
+    header = json.loads(meta["bidm"])
+    if header.get("format_version") != FORMAT_VERSION or meta.get("layout") != pack.LAYOUT:
+        raise CheckpointError(
+            f"{path}: packed format {header.get('format_version')} / layout {meta.get('layout')} is not supported "
+            f"by this bidm (format {FORMAT_VERSION}, layout {pack.LAYOUT})"
+        )
+    return tensors, header
+
+
+def is_packed_file(path: str | Path) -> bool:
+    """True when ``path`` is a safetensors file written by `save_packed` (reads the header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
+def load_packed(path: str | Path, model: nn.Module | None = None):
+    """Rebuild the packed model from a file written by `save_packed`: (model in eval mode, config).
+
+    The config is a `bidm.config.Config` when the file stores one (as `bidm export` does), else the stored dict.
+    ``model``: the fake-binary (or already packed) architecture to load into; by default it is built from the
+    stored config with `bidm.models.build_model`. Loading is strict: every tensor must match. Nothing is unpickled.
+    """
+    from bidm.config import from_dict
+
+    tensors, header = read_packed(path)
+    config = header["config"]
+    if model is None:
+        if not config:
+            raise CheckpointError(f"{path} stores no config; pass the architecture as load_packed(path, model)")
+        from bidm.models import build_model
+
+        config = from_dict(config)
+        model = build_model(config)
+    pack_(model)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit the rebuilt packed model: {err}") from err
+    return model.eval(), config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes
+
+
+def size_report(model: nn.Module, path: str | Path | None = None) -> dict:
+    """Bytes of the packed model: on disk (``path``), as a dense FP32 model, and the theoretical 1-bit size.
+
+    ``fp32_bytes``: every tensor at 4 bytes, binarized weights dense (the same network as an FP32 checkpoint,
+    binarizer tensors included). ``theoretical_bytes``: binarized weights at exactly 1 bit each (no word padding),
+    every other tensor at 4 bytes. ``packed_tensor_bytes``: what the file holds in tensors (int64 words with padding
+    to 64 bits, the rest at their dtype); the file adds its JSON header.
+    """
+    binary_bits = fp_numel = stored = 0
+    for name, t in model.state_dict().items():
+        stored += t.numel() * t.element_size()
+        if name.endswith("weight_bits"):
+            continue
+        fp_numel += t.numel()
+    for m in model.modules():
+        if is_packed(m):
+            binary_bits += m.__dict__["weight"].numel()
+    report = {
+        "binary_weights": binary_bits,
+        "other_values": fp_numel,
+        "fp32_bytes": 4 * (binary_bits + fp_numel),
+        "theoretical_bytes": binary_bits // 8 + (binary_bits % 8 > 0) + 4 * fp_numel,
+        "packed_tensor_bytes": stored,
+    }
+    if path is not None:
+        report["file_bytes"] = Path(path).stat().st_size
+        report["compression_vs_fp32"] = report["fp32_bytes"] / report["file_bytes"]
+    return report
+
+
+def export_model(
+    model: nn.Module, path: str | Path, config: dict | None = None, *, example: tuple | None = None
+) -> dict:
+    """`pack_` the fake-binary model in place, `save_packed` it, and return its `size_report`.
+
+    With ``example`` = the forward's inputs, e.g. ``(x, t)``, the report also holds the `bidm.summary` sizes of the
+    fake-binary model (``summary_bytes``: binarized weights at 1 bit, the rest FP32; ``summary_fp32_bytes``: the
+    FP reference network) and the parity of the packed model with it on that input (``max_abs_diff``,
+    ``max_rel_diff`` relative to the largest output magnitude).
+    """
+    model.eval()
+    report: dict = {}
+    if example is not None:
+        from bidm.profile import summarize
+
+        one = tuple(v[:1] for v in example)  # sizes do not depend on the batch
+        s = summarize(model, tuple(one[0].shape), inputs=one)
+        report.update(summary_bytes=round(s.size_mib * 2**20), summary_fp32_bytes=round(s.fp_size_mib * 2**20))
+        with torch.no_grad():
+            before = model(*example)
+    pack_(model)
+    save_packed(model, path, config)
+    report.update(size_report(model, path))
+    if example is not None:
+        with torch.no_grad():
+            diff = (model(*example) - before).abs().max().item()
+        report.update(max_abs_diff=diff, max_rel_diff=diff / max(before.abs().max().item(), 1e-30))
+    return report

@@ -1,0 +1,61 @@
+"""Where a packed model's forward spends its time: sign/thresholds, bit-packing, popcount kernel, postprocess, and
+everything else (FP layers, norms, attention, ...). Used by ``bench/kernel.py``."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from bidm.export import kernels
+from bidm.export.packed_layers import is_packed
+
+
+def _timed(fn, bucket: str, acc: dict):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[bucket] += time.perf_counter() - t0
+
+    return wrapper
+
+
+@contextmanager
+def _instrumented(model: nn.Module, acc: dict):
+    # binary_linear calls binary_conv2d through the module global: patching the latter counts both, once
+    patched_fns = {"pack_activation": "pack", "binary_conv2d": "popcount gemm"}
+    saved = {name: getattr(kernels, name) for name in patched_fns}
+    layers = [m for m in model.modules() if is_packed(m)]
+    try:
+        for name, bucket in patched_fns.items():
+            setattr(kernels, name, _timed(saved[name], bucket, acc))
+        for m in layers:
+            m.quantize_input = _timed(type(m).quantize_input.__get__(m), "sign", acc)
+            m.postprocess = _timed(type(m).postprocess.__get__(m), "postprocess", acc)
+        yield
+    finally:
+        for name in patched_fns:
+            setattr(kernels, name, saved[name])
+        for m in layers:
+            del m.quantize_input, m.postprocess
+
+
+def profile_packed(model: nn.Module, *inputs, reps: int = 1) -> dict[str, float]:
+    """Milliseconds per forward in each bucket, plus ``total``."""
+    acc: dict[str, float] = defaultdict(float)
+    with torch.no_grad():
+        model(*inputs)  # warm-up
+        with _instrumented(model, acc):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                model(*inputs)
+            total = time.perf_counter() - t0
+    out = {k: 1e3 * v / reps for k, v in acc.items()}
+    out["rest (FP layers, norms, attention)"] = 1e3 * total / reps - sum(out.values())
+    out["total"] = 1e3 * total / reps
+    return out

@@ -1,0 +1,181 @@
+"""Packed layers equal the fake-binary layers of every method; save -> load -> forward equals the fake-binary model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bidm.binarize import METHODS, binarize_, set_timestep
+from bidm.config import BinarizeConfig, Config, to_dict
+from bidm.errors import CheckpointError
+from bidm.export import convert_, export_model, is_packed, kernels, load_packed, pack_, read_packed, save_packed
+from bidm.models import build_model
+from bidm.unet import tiny_unet_config
+
+IMPLS = ["ref", pytest.param("c", marks=pytest.mark.skipif(kernels.library() is None, reason="no C compiler"))]
+
+# (FP layer, input shape): padded borders, stride 2, Cin not a multiple of 64, batch > 1, 1x1 conv, linear layers
+# (with and without leading dims, square and not), a stride-2 conv without padding on an odd size.
+LAYERS = [
+    (lambda: nn.Conv2d(70, 13, 3, padding=1), (3, 70, 9, 7)),
+    (lambda: nn.Conv2d(64, 64, 3, stride=2, padding=1), (2, 64, 8, 8)),
+    (lambda: nn.Conv2d(96, 96, 3, stride=2), (2, 96, 9, 9)),
+    (lambda: nn.Conv2d(130, 130, 1), (2, 130, 5, 4)),
+    (lambda: nn.Conv2d(40, 72, 1), (2, 40, 4, 4)),
+    (lambda: nn.Linear(150, 11), (4, 150)),
+    (lambda: nn.Linear(64, 64), (3, 2, 64)),
+]
+
+
+def perturbed(layer: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Move every parameter off its init (thresholds, scales, k-convs, RPReLU, LoRA ...) so none is trivial."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return layer
+
+
+def binary_part(layer, x):
+    return layer.binary_op(layer.quantize_input(x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_packed_layer_equals_fake_binary_layer(method, impl, monkeypatch):
+    monkeypatch.setenv("BIDM_KERNEL", impl)
+    gen = torch.Generator().manual_seed(0)
+    for make, shape in LAYERS:
+        layer = perturbed(binarize_(make(), method), gen).eval()
+        if method == "efficientdm":
+            METHODS[method].prepare_model(layer)
+            set_timestep(layer, torch.arange(shape[0]) * 300)
+        x = torch.randn(*shape, generator=gen) + 0.3
+        with torch.no_grad():
+            expected = layer(x)
+            expected_binary = layer.binary_op(layer.quantize_input(x), layer.quantize_weight())
+            packed = convert_(copy.deepcopy(layer))
+            assert is_packed(packed) and "weight" not in dict(packed.named_parameters())
+            got_binary = binary_part(packed, x)
+            got = packed(x)
+        assert torch.equal(got_binary, expected_binary), (method, shape)  # integer-exact
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert torch.equal(packed.quantize_weight(), layer.quantize_weight())
+
+
+def test_packed_state_dict_replaces_latent_weight_by_bits():
+    layer = binarize_(nn.Conv2d(70, 8, 3, padding=1), "efficientdm")
+    packed = convert_(copy.deepcopy(layer))
+    keys = set(packed.state_dict())
+    assert "weight_bits" in keys and not {"weight", "lora_A", "lora_B"} & keys  # LoRA folded into the bits
+    assert packed.state_dict()["weight_bits"].dtype == torch.int64
+    assert packed.state_dict()["weight_bits"].shape == (8, 3, 3, 2)
+    assert {"weight_step", "act_step", "bias"} <= keys
+    xnor = convert_(binarize_(nn.Linear(10, 4), "xnor"))
+    assert xnor.state_dict()["weight_alpha"].shape == (4,)
+
+
+def test_packed_layer_survives_deepcopy_and_pickle():
+    import pickle
+
+    layer = convert_(perturbed(binarize_(nn.Conv2d(8, 8, 3, padding=1), "bidm"), torch.Generator().manual_seed(3)))
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        y = layer(x)
+        for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert type(other).__name__ == "PackedBiDMConv2d" and torch.equal(other(x), y)
+
+
+def test_unpackable_layer_is_refused_by_name():
+    layer = binarize_(nn.Conv2d(8, 8, 3, padding=2, dilation=2), "xnor")
+    with pytest.raises(NotImplementedError, match="'xnor'.*dilation"):
+        convert_(layer)
+
+
+def test_postprocess_reading_the_latent_weight_is_refused_by_name():
+    from bidm.binarize.xnor import XnorConv2d
+
+    class ReadsWeight(XnorConv2d):
+        method = "reads-weight"
+
+        def postprocess(self, y, x):
+            return y * self.weight.abs().mean()  # not through weight_scale(): cannot be frozen at export
+
+    packed = convert_(ReadsWeight(nn.Conv2d(8, 8, 3, padding=1), bias=False))
+    with pytest.raises(NotImplementedError, match="'reads-weight' cannot be packed"):
+        packed(torch.randn(1, 8, 5, 5))
+
+
+def tiny_config(method: str) -> Config:
+    cfg = Config(model=tiny_unet_config(resolution=8), binarize=BinarizeConfig(method=method, tbs_blocks=2))
+    cfg.model.attn_resolutions = (4,)
+    return cfg
+
+
+def run_two_steps(model, x, ts):
+    """Two consecutive denoising steps (the second one mixes the TBS cache for BiDM)."""
+    if hasattr(model, "denoise"):
+        eps1, state = model.denoise(x, ts[0], None)
+        eps2, _ = model.denoise(x * 0.9, ts[1], state)
+        return torch.cat([eps1, eps2])
+    return torch.cat([model(x, ts[0]), model(x * 0.9, ts[1])])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_round_trip_tiny_unet(method, tmp_path):
+    cfg = tiny_config(method)
+    gen = torch.Generator().manual_seed(1)
+    model = perturbed(build_model(cfg), gen)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    ts = [torch.tensor([700, 650]), torch.tensor([600, 550])]
+    with torch.no_grad():
+        run_two_steps(model, x, ts)  # shape-dependent parameters (xnorpp's Gamma) are created at the first forward
+        model.eval()
+        expected = run_two_steps(model, x, ts)
+        report = export_model(copy.deepcopy(model), tmp_path / "packed.safetensors", to_dict(cfg))
+        loaded, config = load_packed(tmp_path / "packed.safetensors")
+        got = run_two_steps(loaded, x, ts)
+    assert to_dict(config) == to_dict(cfg)
+    assert sum(is_packed(m) for m in loaded.modules()) > 10
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert report["theoretical_bytes"] < report["file_bytes"] < report["fp32_bytes"]
+
+
+def test_file_holds_bits_and_metadata_and_rejects_foreign_files(tmp_path):
+    cfg = tiny_config("bidm")
+    model = pack_(build_model(cfg).eval())
+    path = save_packed(model, tmp_path / "m.safetensors", to_dict(cfg))
+    tensors, header = read_packed(path)
+    name = "unet.down.0.block.0.conv1"
+    assert tensors[f"{name}.weight_bits"].dtype == torch.int64 and f"{name}.weight" not in tensors
+    geom = header["layers"][name]
+    assert geom["kind"] == "conv2d" and geom["method"] == "bidm" and geom["padding"] == [1, 1]
+    assert header["layout"]["name"] == "bidm-bits/1" and header["format_version"] == 1
+    assert header["layers"]["unet.down.0.block.0.temb_proj"]["kind"] == "linear"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a bidm packed model"):
+        read_packed(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="pack_"):
+        save_packed(build_model(cfg), tmp_path / "unpacked.safetensors")
+
+
+def test_export_command_writes_a_file_that_sample_can_load(tmp_path, capsys):
+    from bidm import checkpoint
+    from bidm.cli import main
+    from bidm.commands.sample import load_any
+
+    cfg = tiny_config("xnor")
+    model = perturbed(build_model(cfg), torch.Generator().manual_seed(2))
+    state = model.state_dict()
+    checkpoint.save(tmp_path / "run" / "checkpoint.safetensors", model=state, ema=state, config=to_dict(cfg), step=1)
+    out = tmp_path / "packed.safetensors"
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "parity" in printed and "theoretical 1-bit" in printed
+    loaded, config = load_any(str(out))
+    assert config.binarize.method == "xnor" and any(is_packed(m) for m in loaded.modules())
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), model.eval()(x, t), rtol=1e-4, atol=1e-5)
