@@ -67,8 +67,10 @@ def main(argv=None) -> int:
 
     teacher_cfg = load_config(args.teacher_config, [f"out_dir={args.teacher}", f"data.path={args.data_path}"])
     teacher_dir = ensure_teacher(teacher_cfg)
-    overrides = [f"train.steps={steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
-                 "train.log_every=25", "train.ckpt_every=50", f"data.path={args.data_path}", *args.overrides]  # fmt: skip
+    overrides = [
+        f"train.steps={steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.log_every=25",
+        "train.ckpt_every=50", f"data.path={args.data_path}", *args.overrides,
+    ]  # fmt: skip
     for method in methods:
         t0 = time.perf_counter()
         run_dir = teacher_dir if method == "fp32" else out / method
