@@ -10,7 +10,7 @@ Per conv: every distinct binarized 3x3 conv (Cin, Cout, H, W, stride, padding) o
 the fraction of the packed time spent packing. ``all 3x3`` weights each shape by how often the forward runs it.
 
 Full step: one ``model(x, t)`` of the FP UNet (default DDIM CIFAR-10 config) vs the same UNet after ``binarize_`` +
-``bidm.export.pack_`` (method ``--method``, default xnor), whole network, at batch 1 and the sampling batch (batch 1
+``bidm.export.pack_`` (``--method``, default xnor and bidm), whole network, at batch 1 and the sampling batch (batch 1
 only with --quick), and a profile of where the packed step's time goes: ``sign`` (each layer's ``quantize_input``),
 ``pack`` (bit-packing), ``popcount gemm`` (the kernel), ``postprocess`` (scales, K map, shortcut, ...), and the rest
 of the network (FP convs, GroupNorm, SiLU, attention matmuls).
@@ -185,7 +185,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, fewer repeats (< 1 min)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None, help="sampling batch (default 64, --quick 8)")
-    parser.add_argument("--method", default="xnor", help="binarization method of the full-step benchmark")
+    parser.add_argument(
+        "--method",
+        default=None,
+        help="comma-separated methods of the full-step benchmark (default xnor,bidm; --quick xnor)",
+    )
     parser.add_argument("--no-step", action="store_true", help="per-conv table only")
     parser.add_argument("--out", default="bench/out/kernel.json")
     args = parser.parse_args(argv)
@@ -213,13 +217,20 @@ def main(argv=None) -> int:
 
     steps = []
     if not args.no_step:
-        steps = bench_steps(nets["ddim-cifar10"], args.method, [1] if args.quick else [1, batch], 2)
+        methods = (args.method or ("xnor" if args.quick else "xnor,bidm")).split(",")
+        for method in methods:
+            steps += bench_steps(nets["ddim-cifar10"], method, [1] if args.quick else [1, batch], 2)
         if steps:
-            print(f"\nOne full denoising step, DDIM CIFAR-10 UNet, method {args.method}:\n")
-            print("| batch | FP32 ms | packed ms | speed-up | packed profile (ms) |\n|---|---|---|---|---|")
+            print("\nOne full denoising step `model(x, t)`, DDIM CIFAR-10 UNet (35.7 M params):\n")
+            print(
+                "| method | batch | FP32 ms | packed ms | speed-up | packed profile (ms) |\n|---|---|---|---|---|---|"
+            )
             for s in steps:
-                prof = ", ".join(f"{k} {v:.1f}" for k, v in s["profile_ms"].items())
-                print(f"| {s['batch']} | {s['fp_ms']:.0f} | {s['packed_ms']:.0f} | **{s['speedup']:.2f}x** | {prof} |")
+                prof = ", ".join(f"{k} {v:.0f}" for k, v in s["profile_ms"].items())
+                print(
+                    f"| {s['method']} | {s['batch']} | {s['fp_ms']:.0f} | {s['packed_ms']:.0f} "
+                    f"| **{s['speedup']:.2f}x** | {prof} |"
+                )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
