@@ -113,3 +113,12 @@ def test_initial_noise_is_fixed_per_image_and_seed():
     b = initial_noise(3, (1, 4, 4), seed=3)
     torch.testing.assert_close(a[:3], b)
     assert not torch.equal(initial_noise(1, (1, 4, 4), seed=4)[0], a[0])
+
+
+def test_ddim_step_clip_x0_recomputes_eps():
+    x, eps = torch.full((1, 1, 2, 2), 3.0), torch.zeros(1, 1, 2, 2)
+    a_t, a_prev = torch.tensor(0.25), torch.tensor(0.5)
+    out, x0 = ddim_step(x, eps, a_t, a_prev, clip_x0=True)
+    assert torch.equal(x0, torch.ones_like(x0))  # unclipped x0 would be 6
+    eps_clipped = (3.0 - 0.5 * 1.0) / math.sqrt(0.75)
+    torch.testing.assert_close(out, math.sqrt(0.5) * x0 + math.sqrt(0.5) * eps_clipped * torch.ones_like(x0))

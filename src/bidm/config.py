@@ -80,6 +80,7 @@ class SampleConfig:
     skip: str = "uniform"
     seed: int = 0
     use_ema: bool = True
+    clip_x0: bool = False  # clamp each DDIM x0 prediction to [-1, 1] (not in DDIM/LDM; helps small CPU-scale models)
 
 
 @dataclass

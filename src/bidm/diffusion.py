@@ -99,14 +99,20 @@ def ddim_step(
     a_prev: torch.Tensor,
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
+    clip_x0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update (Song et al. 2021, Eq. 12). Returns (x_prev, x0_pred).
 
     1. x0_pred = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
+       with ``clip_x0``: x0_pred <- clamp(x0_pred, -1, 1), eps <- (x_t - sqrt(a_t) x0_pred) / sqrt(1 - a_t)
+       (improved-diffusion's ``clip_denoised``; the DDIM and LDM samplers do not clip)
     2. sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
     3. x_prev = sqrt(a_prev) * x0_pred + sqrt(1 - a_prev - sigma^2) * eps + sigma * z
     """
     x0_pred = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if clip_x0:
+        x0_pred = x0_pred.clamp(-1, 1)
+        eps = (x_t - a_t.sqrt() * x0_pred) / (1 - a_t).sqrt()
     sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
     x_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).sqrt() * eps
     if eta > 0:
@@ -138,11 +144,13 @@ def ddim_sample(
     skip: str = "uniform",
     generator: torch.Generator | None = None,
     progress: bool = False,
+    clip_x0: bool = False,
 ) -> torch.Tensor:
     """DDIM sampling from x_T, following the DDIM repo's ``generalized_steps`` (a_prev = 1 after t = 0).
 
     ``denoiser`` is a model (adapted with `as_denoiser`) or a ``(x, t, state) -> (eps, state)`` callable; the state
-    returned at one step is handed to the next. Returns x_0 (unclipped; callers clip to [-1, 1]).
+    returned at one step is handed to the next. ``clip_x0`` clamps each step's x0 prediction to [-1, 1] (off in the
+    DDIM/LDM code; small, briefly trained models need it, see `ddim_step`). Returns x_0 (callers clip to [-1, 1]).
     """
     if isinstance(denoiser, torch.nn.Module):
         denoiser = as_denoiser(denoiser)
@@ -159,7 +167,7 @@ def ddim_sample(
         noise = None
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-        x, _ = ddim_step(x, eps, a_t, a_prev, eta, noise)
+        x, _ = ddim_step(x, eps, a_t, a_prev, eta, noise, clip_x0=clip_x0)
     return x
 
 

@@ -48,6 +48,7 @@ def generate(
             eta=eta,
             skip=skip,
             generator=generator,
+            clip_x0=s.clip_x0,
         )
         out.append(to_uint8(x0))
     return np.concatenate(out)

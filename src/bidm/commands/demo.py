@@ -26,6 +26,7 @@ DEMO_TEACHER = [
     "train.log_every=25",
     "train.ckpt_every=200",
     "sample.steps=50",
+    "sample.clip_x0=true",
 ]
 DEMO_STUDENT = ["train.batch_size=32", "train.lr=5e-4", "train.log_every=10", "train.ckpt_every=100"]
 

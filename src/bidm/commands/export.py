@@ -45,7 +45,7 @@ def main(args) -> int:
     print(f"  theoretical 1-bit  {_mib(report['theoretical_bytes'])}  (binarized weights at 1 bit, the rest FP32)")
     if "summary_bytes" in report:
         print(
-            f"  bidm.summary       {_mib(report['summary_bytes'])} binarized vs "
+            f"  bidm.summary (1b) {_mib(report['summary_bytes'])} binarized vs "
             f"{_mib(report['summary_fp32_bytes'])} FP32 reference"
         )
     print(f"  student checkpoint {_mib(ckpt_bytes)}  (with EMA / optimizer state)")

@@ -179,10 +179,10 @@ def export_model(
 ) -> dict:
     """`pack_` the fake-binary model in place, `save_packed` it, and return its `size_report`.
 
-    With ``example`` = the forward's inputs, e.g. ``(x, t)``, the report also holds the `bidm.summary` sizes of the
-    fake-binary model (``summary_bytes``: binarized weights at 1 bit, the rest FP32; ``summary_fp32_bytes``: the
-    FP reference network) and the parity of the packed model with it on that input (``max_abs_diff``,
-    ``max_rel_diff`` relative to the largest output magnitude).
+    With ``example`` = the forward's inputs, e.g. ``(x, t)``, the report also holds the `bidm.profile.summarize`
+    sizes of the fake-binary model (``summary_bytes``: binarized weights at 1 bit, the rest FP32;
+    ``summary_fp32_bytes``: the FP reference network) and the parity of the packed model with it on that input
+    (``max_abs_diff``, ``max_rel_diff`` relative to the largest output magnitude).
     """
     model.eval()
     report: dict = {}
