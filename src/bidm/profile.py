@@ -189,6 +189,11 @@ def summarize(
 
     if accounting not in ("measured", "paper"):
         raise BidmError(f"accounting must be 'measured' or 'paper', got {accounting!r}")
+    if any(hasattr(m, "weight_bits") for m in model.modules()):
+        raise BidmError(
+            "summarize counts a fake-binary model (after binarize_); for a packed model's real sizes use "
+            "bidm.export.size_report"
+        )
     macs = count_macs(model, inputs if inputs is not None else _example_inputs(model, tuple(input_shape)))
     binary = [n for n, m in model.named_modules() if _is_binary(m)]
     notes = []

@@ -48,7 +48,7 @@ class _BBCU:
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         u = x + self.per_in(self.act_shift)
-        return sign_ste(u, approx_sign_grad(u))
+        return sign_ste(u, approx_sign_grad)
 
     def weight_scale(self) -> torch.Tensor:
         return mean_abs_per_out(self.weight).detach()

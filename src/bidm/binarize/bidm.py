@@ -90,7 +90,7 @@ class BiDMConv2d(_BiDM, BinaryConv2d):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         u = x + self.per_in(self.act_shift)
-        return sign_ste(u, approx_sign_grad(u))
+        return sign_ste(u, approx_sign_grad)
 
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k_map = self.filter_k(x.abs().mean(dim=1, keepdim=True))  # [B, 1, Hout, Wout]
@@ -107,7 +107,7 @@ class BiDMLinear(_BiDM, BinaryLinear):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         u = x + self.act_shift
         value = sign(u) if self.threshold_in_forward else sign(x)
-        return straight_through(u, value, approx_sign_grad(u))
+        return straight_through(u, value, approx_sign_grad)
 
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.add_bias(y * self.weight_scale())

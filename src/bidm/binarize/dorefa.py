@@ -34,13 +34,18 @@ from bidm.binarize.core import (
 )
 
 
+def unit_interval_grad(x: torch.Tensor) -> torch.Tensor:
+    """Identity STE inside the clip range [0, 1], zero outside."""
+    return ((x >= 0) & (x <= 1)).to(x.dtype)
+
+
 class _DoReFa:
     method = "dorefa"
     a_code = "01"
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         codes = (x >= 0.5).to(x.dtype)
-        return straight_through(x, codes, ((x >= 0) & (x <= 1)).to(x.dtype))
+        return straight_through(x, codes, unit_interval_grad)
 
     def weight_scale(self) -> torch.Tensor:
         return self.weight.abs().mean().detach()

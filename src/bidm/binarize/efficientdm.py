@@ -107,12 +107,12 @@ class _EfficientDM:
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         v = x / self.step_sizes(x).reshape(-1, *([1] * (x.dim() - 1)))
-        return sign_ste(v, clip_grad(v))
+        return sign_ste(v, clip_grad)
 
     def quantize_weight(self) -> torch.Tensor:
         w = self.latent_weight()
         v = w / self.weight_scale().reshape(-1, *([1] * (w.dim() - 1)))
-        return sign_ste(v, clip_grad(v))
+        return sign_ste(v, clip_grad)
 
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         s_a = self.step_sizes(x).reshape(-1, *([1] * (y.dim() - 1)))

@@ -54,8 +54,11 @@ class _ReSTE:
     def set_progress(self, frac: float) -> None:
         self.o.fill_(self.o_start * (self.o_end / self.o_start) ** frac)
 
+    def estimator_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return reste_grad(x, self.o, self.t)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return sign_ste(x, reste_grad(x, self.o, self.t))
+        return sign_ste(x, self.estimator_grad)
 
     def quantize_weight(self) -> torch.Tensor:
         return sign_ste(self.weight, reste_grad(self.weight, self.o, self.t))

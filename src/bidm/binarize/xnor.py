@@ -42,7 +42,7 @@ class _Xnor:
     method = "xnor"
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return sign_ste(x, clip_grad(x))
+        return sign_ste(x, clip_grad)
 
     def weight_scale(self) -> torch.Tensor:
         return mean_abs_per_out(self.weight).detach()

@@ -35,7 +35,7 @@ class _XnorPP:
     method = "xnorpp"
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return sign_ste(x, clip_grad(x))
+        return sign_ste(x, clip_grad)
 
     def quantize_weight(self) -> torch.Tensor:
         return sign_ste(self.weight, clip_grad(self.weight))
