@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--n-samples", type=int, default=None, help="samples per method (default 1000; quick 500)")
     p.add_argument("--sample-steps", type=int, default=100)
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (paper CIFAR: 0; the CPU-scale teacher needs 1)")
     p.add_argument("--features", default=None, help="inception | domain | inception,domain (quick: domain)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="default bench/out/quality[_quick]")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         run_dir = teacher_dir if method == "fp32" else out / method
         if method != "fp32":
             ensure_student(student_config(teacher_dir, method, run_dir, overrides))
-        ensure_samples(run_dir, n=n, steps=args.sample_steps, batch_size=250)
+        ensure_samples(run_dir, n=n, steps=args.sample_steps, eta=args.eta, clip_x0=True, batch_size=250)
         ensure_summary(run_dir)
         ensure_metrics(run_dir, teacher_cfg, feature_spaces={s: n for s in spaces})
         print(f"{method}: done in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     header = (
         f"CIFAR-10 16x16 (JPEG-origin copy, see shared/docs/data.md), teacher {teacher_cfg.train.steps} steps; "
         f"every student {steps} steps, batch {args.batch_size}, lr {args.lr}, same data order and x_T; "
-        f"{n} samples, DDIM {args.sample_steps} steps (eta 0); features: {', '.join(spaces)}\n\n"
+        f"{n} samples, DDIM {args.sample_steps} steps (eta {args.eta}, x0 clipped); features: {', '.join(spaces)}\n\n"
     )
     table = header + (out / "comparison.md").read_text()
     (out / "table.md").write_text(table)

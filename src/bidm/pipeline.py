@@ -45,19 +45,22 @@ def student_config(teacher_dir: Path, method: str, out_dir: Path, overrides: lis
     return load_config(None, list(overrides) + extra, base=base)
 
 
-def ensure_samples(run_dir: Path, *, n: int, steps: int, seed: int = 0, batch_size: int = 256) -> Path:
+def ensure_samples(
+    run_dir: Path, *, n: int, steps: int, eta: float, clip_x0: bool, seed: int = 0, batch_size: int = 256
+) -> Path:
     """``samples.npz`` (+ ``samples.png``) of the run's EMA model from the fixed x_T of ``seed``."""
     from bidm.models import load_model
     from bidm.npz_io import save_grid, save_samples_npz
     from bidm.sample import generate
 
-    settings = {"n": n, "steps": steps, "seed": seed, "ckpt_step": checkpoint.load(run_dir).step}
+    ckpt_step = checkpoint.load(run_dir).step
+    settings = {"n": n, "steps": steps, "eta": eta, "clip_x0": clip_x0, "seed": seed, "ckpt_step": ckpt_step}
     stamp = run_dir / "samples.json"
     out = run_dir / "samples.npz"
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return out
     model, cfg = load_model(run_dir)
-    images = generate(model, cfg, n=n, steps=steps, seed=seed, batch_size=batch_size)
+    images = generate(model, cfg, n=n, steps=steps, eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size)
     save_samples_npz(out, images)
     save_grid(images[:64], run_dir / "samples.png")
     stamp.write_text(json.dumps(settings))
@@ -74,7 +77,7 @@ def ensure_summary(run_dir: Path) -> dict:
         return json.loads(path.read_text())
     model, cfg = load_model(run_dir)
     shape = (1, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-    totals = summarize(model, shape).totals()
+    totals = summarize(model, shape).to_dict()
     totals["method"] = "fp32" if cfg.binarize.method == "none" else cfg.binarize.method
     path.write_text(json.dumps(totals, indent=2))
     return totals

@@ -23,6 +23,7 @@ def generate(
     eta: float | None = None,
     skip: str | None = None,
     seed: int | None = None,
+    clip_x0: bool | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """``n`` images as uint8 NHWC. Image i always starts from the same x_T for a seed (`initial_noise`), so every
@@ -32,6 +33,7 @@ def generate(
     steps, skip = steps or s.steps, skip or s.skip
     eta = s.eta if eta is None else eta
     seed = s.seed if seed is None else seed
+    clip_x0 = s.clip_x0 if clip_x0 is None else clip_x0
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     device = next(model.parameters()).device
     acp = schedule(cfg).to(device)
@@ -48,7 +50,7 @@ def generate(
             eta=eta,
             skip=skip,
             generator=generator,
-            clip_x0=s.clip_x0,
+            clip_x0=clip_x0,
         )
         out.append(to_uint8(x0))
     return np.concatenate(out)

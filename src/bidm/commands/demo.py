@@ -27,8 +27,15 @@ DEMO_TEACHER = [
     "train.ckpt_every=200",
     "sample.steps=50",
     "sample.clip_x0=true",
+    "sample.eta=1.0",
 ]
-DEMO_STUDENT = ["train.batch_size=32", "train.lr=5e-4", "train.log_every=10", "train.ckpt_every=100"]
+DEMO_STUDENT = [
+    "binarize.tbs_blocks=4",
+    "train.batch_size=32",
+    "train.lr=5e-4",
+    "train.log_every=10",
+    "train.ckpt_every=100",
+]
 
 
 def add_parser(sub) -> None:
@@ -39,6 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--student-steps", type=int, default=150)
     p.add_argument("--n-samples", type=int, default=500, help="samples per model for the domain metrics")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0: the tiny CPU models sample far better)")
     p.add_argument("--inception", type=int, default=0, metavar="N",
                    help="also score N samples with the standard Inception network (~0.2 s/image on CPU)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -80,7 +88,7 @@ def main(args) -> int:
     if args.inception:
         spaces["inception"] = min(args.inception, args.n_samples)
     for run_dir in runs.values():
-        ensure_samples(run_dir, n=args.n_samples, steps=args.sample_steps, batch_size=250)
+        ensure_samples(run_dir, n=args.n_samples, steps=args.sample_steps, eta=args.eta, clip_x0=True, batch_size=250)
         ensure_summary(run_dir)
     print(f"[4/4] scoring ({', '.join(spaces)}) and writing the report")
     for run_dir in runs.values():
@@ -89,7 +97,8 @@ def main(args) -> int:
     md = (out / "comparison.md").read_text()
     header = (
         f"# bidm demo: digits 16x16, teacher {args.teacher_steps} steps, every student {args.student_steps} steps "
-        f"(batch 32, same data order), {args.n_samples} samples, DDIM {args.sample_steps} steps, same x_T\n\n"
+        f"(batch 32, same data order), {args.n_samples} samples, DDIM {args.sample_steps} steps (eta {args.eta}, "
+        "x0 clipped), same x_T\n\n"
     )
     (out / "report.md").write_text(header + md)
     (out / "report.json").write_text(json.dumps({"rows": report["rows"], "files": report["files"]}, indent=2))
