@@ -186,3 +186,18 @@ def test_objective_rejects_bad_options():
         DistillObjective(objective.teacher, objective.acp, tbs=True)(
             student, torch.randn(1, 3, 8, 8), torch.Generator()
         )
+
+
+def test_tiling_patches_take_the_reshape_path_and_equal_the_gather():
+    from bidm.distill import gather_patches, patch_index
+
+    feat = torch.randn(2, 3, 8, 8)
+    rows = cols = patch_index(8, 4)
+    gathered = feat[:, :, rows[:, None, :, None], cols[None, :, None, :]]
+    fast = gather_patches(feat, rows, cols)
+    assert fast.shape == gathered.shape == (2, 3, 4, 4, 2, 2)
+    assert torch.equal(fast, gathered)
+    assert fast.data_ptr() == feat.data_ptr()  # a view: no copy
+    odd = torch.randn(1, 2, 6, 6)
+    r6 = patch_index(6, 4)
+    assert torch.equal(gather_patches(odd, r6, r6), odd[:, :, r6[:, None, :, None], r6[None, :, None, :]])

@@ -100,13 +100,26 @@ def patch_index(size: int, p: int) -> torch.Tensor:
     return starts[:, None] + torch.arange(size // p)[None, :]
 
 
+def gather_patches(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Patches [B, C, pr, pc, hr, hc] of ``feat`` at the patch indices ``rows`` [pr, hr] and ``cols`` [pc, hc].
+
+    When the patches tile the map exactly (side = p * h, the common case) this is a reshape (no index gather,
+    whose forward and backward cost ~10% of a BiDM training step); otherwise an advanced-index gather.
+    """
+    (pr, hr), (pc, hc) = rows.shape, cols.shape
+    b, c, height, width = feat.shape
+    if height == pr * hr and width == pc * hc:
+        return feat.reshape(b, c, pr, hr, pc, hc).permute(0, 1, 2, 4, 3, 5)
+    return feat[:, :, rows[:, None, :, None], cols[None, :, None, :]]
+
+
 def normalized_relation(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Per-patch row-Gram maps, each divided by its global Frobenius norm: [B, C, pr, pc, hr, hr].
 
     ``rows`` [pr, hr] and ``cols`` [pc, hc] are non-empty patch indices on ``feat``'s device, inside the feature
     (the caller zero-pads it where the faithful rule reaches past its edge).
     """
-    patches = feat[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # [B, C, pr, pc, hr, hc]
+    patches = gather_patches(feat, rows, cols)  # [B, C, pr, pc, hr, hc]
     gram = patches @ patches.transpose(-1, -2)  # [B, C, pr, pc, hr, hr]
     norm = torch.linalg.vector_norm(gram, dim=(0, 1, 4, 5), keepdim=True)  # [1, 1, pr, pc, 1, 1]
     return gram / torch.where(norm > 0, norm, torch.ones_like(norm))  # an all-zero map stays 0
