@@ -46,7 +46,9 @@ def test_malformed_yaml(tmp_path):
 
 def test_parse_override_types():
     assert parse_override("a.b=1e-3") == {"a": {"b": 1e-3}}
-    assert parse_override("a=none") == {"a": None}
+    assert parse_override("a=none") == {"a": "none"}
+    cfg = load_config(None, ["data.path=none", "binarize.feature_loss=none", "binarize.method=none"])
+    assert cfg.data.path is None and cfg.binarize.feature_loss == "none" and cfg.binarize.method == "none"
     assert parse_override("a=[1, 2]") == {"a": [1, 2]}
 
 

@@ -97,8 +97,9 @@ class Config:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if value is None:
-        if hint is type(None) or type(None) in args:
+    optional = hint is type(None) or type(None) in args
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:  # "none" is a string for str fields (method=none) and null for optional ones (path=none)
             return None
         raise ConfigError(f"{where}: null is not allowed")
     if origin is typing.Union or (origin is not None and type(None) in args):
@@ -165,8 +166,6 @@ def parse_override(text: str) -> dict:
             value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
         except ValueError:
             pass
-    if isinstance(value, str) and raw.strip().lower() in ("none", "null"):
-        value = None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
