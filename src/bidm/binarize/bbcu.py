@@ -31,31 +31,17 @@ import torch.nn as nn
 from bidm.binarize.core import (
     BinaryConv2d,
     BinaryLinear,
+    MagnitudeAwareWeights,
     RPReLU,
-    approx_sign_grad,
-    clip_grad,
+    RSignInput,
     conv_shortcut,
-    grad_wrt_effective_weight,
-    mean_abs_per_out,
     pick,
     register,
-    sign_ste,
 )
 
 
-class _BBCU:
+class _BBCU(RSignInput, MagnitudeAwareWeights):
     method = "bbcu"
-
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        u = x + self.per_in(self.act_shift)
-        return sign_ste(u, approx_sign_grad)
-
-    def weight_scale(self) -> torch.Tensor:
-        return mean_abs_per_out(self.weight).detach()
-
-    def quantize_weight(self) -> torch.Tensor:
-        w = self.weight
-        return sign_ste(w, grad_wrt_effective_weight(clip_grad(w), self.weight_scale()))
 
 
 class BBCUConv2d(_BBCU, BinaryConv2d):

@@ -44,31 +44,22 @@ import torch.nn as nn
 from bidm.binarize.core import (
     BinaryConv2d,
     BinaryLinear,
+    MagnitudeAwareWeights,
+    RSignInput,
     approx_sign_grad,
-    clip_grad,
     conv_shortcut,
-    grad_wrt_effective_weight,
-    mean_abs_per_out,
     pick,
     register,
     sign,
-    sign_ste,
     straight_through,
 )
 
 
-class _BiDM:
+class _BiDM(MagnitudeAwareWeights):
     method = "bidm"
 
-    def weight_scale(self) -> torch.Tensor:
-        return mean_abs_per_out(self.weight).detach()
 
-    def quantize_weight(self) -> torch.Tensor:
-        w = self.weight
-        return sign_ste(w, grad_wrt_effective_weight(clip_grad(w), self.weight_scale()))
-
-
-class BiDMConv2d(_BiDM, BinaryConv2d):
+class BiDMConv2d(_BiDM, RSignInput, BinaryConv2d):
     def __init__(
         self,
         fp: nn.Conv2d,
@@ -87,10 +78,6 @@ class BiDMConv2d(_BiDM, BinaryConv2d):
             self.filter_k.weight.fill_(1.0 / (kh * kw))
         self.filter_k.requires_grad_(learnable_k)
         self.shortcut = conv_shortcut(self, scale_init=shortcut_scale_init, abs_scale=shortcut_abs)
-
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        u = x + self.per_in(self.act_shift)
-        return sign_ste(u, approx_sign_grad)
 
     def postprocess(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k_map = self.filter_k(x.abs().mean(dim=1, keepdim=True))  # [B, 1, Hout, Wout]

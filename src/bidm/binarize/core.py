@@ -107,6 +107,31 @@ def mean_abs_per_out(w: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Quantizers shared by several methods (mixins for the layer classes below)
+
+
+class MagnitudeAwareWeights:
+    """Weights ``alpha_o * sign(W)`` with ``alpha_o = mean|W_o|`` per output channel, detached and recomputed every
+    forward; backward: clamp STE ``1_{|W| <= 1}`` on the effective weight (ReActNet, BBCU, BiDM)."""
+
+    def weight_scale(self) -> torch.Tensor:
+        return mean_abs_per_out(self.weight).detach()
+
+    def quantize_weight(self) -> torch.Tensor:
+        w = self.weight
+        return sign_ste(w, grad_wrt_effective_weight(clip_grad(w), self.weight_scale()))
+
+
+class RSignInput:
+    """RSign activations ``sign(x + b_c)`` with a learnable per-input-channel threshold ``act_shift`` (b_c);
+    backward: Bi-Real ApproxSign at ``x + b_c`` (ReActNet, BBCU, BiDM convs)."""
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        u = x + self.per_in(self.act_shift)
+        return sign_ste(u, approx_sign_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Binary layer bases
 
 
