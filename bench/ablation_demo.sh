@@ -14,14 +14,15 @@ for name in "${!VARIANTS[@]}"; do
   [ -e "runs/ablation/$name/fp32" ] || cp -r runs/demo/fp32 "runs/ablation/$name/fp32"
   $BIDM demo --out "runs/ablation/$name" --methods bidm ${VARIANTS[$name]} > "runs/ablation/$name.log" 2>&1
 done
+# paths in a compare file are relative to the file
 cat > runs/ablation/compare.yaml <<YAML
 runs:
-  - {path: runs/demo/bidm, label: "BiDM (TBS t+1 cache, SPD)"}
-  - {path: runs/ablation/sampler_cache/bidm, label: "BiDM, training cache from t+T/steps"}
-  - {path: runs/ablation/no_tbs/bidm, label: "BiDM without TBS connections"}
-  - {path: runs/ablation/no_spd/bidm, label: "BiDM without SPD"}
-  - {path: runs/demo/xnor, label: "XNOR"}
-out: runs/ablation/table
+  - {path: ../demo/bidm, label: "BiDM (TBS t+1 cache, SPD)"}
+  - {path: sampler_cache/bidm, label: "BiDM, training cache from t+T/steps"}
+  - {path: no_tbs/bidm, label: "BiDM without TBS connections"}
+  - {path: no_spd/bidm, label: "BiDM without SPD"}
+  - {path: ../demo/xnor, label: "XNOR"}
+out: table
 YAML
 $BIDM compare runs/ablation/compare.yaml
 cat runs/ablation/table/comparison.md
