@@ -14,7 +14,11 @@ COMMANDS = ["train", "binarize", "sample", "summary", "export", "evaluate", "com
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bidm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="bidm",
+        description="Fully binarized (W1A1) diffusion models: train, binarize, sample, evaluate, summarize, export.",
+        epilog="Run `bidm COMMAND --help` for a command's options. Start with `bidm demo`.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
