@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from bidm.errors import BidmError
+
 COMMANDS = ["train", "binarize", "sample", "summary", "export", "evaluate", "compare", "demo"]
 
 
@@ -39,14 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        # Errors the user can fix: one clear line, no traceback.
-        from bidm.errors import BidmError
-
-        if isinstance(err, BidmError) or isinstance(err, FileNotFoundError):
-            print(f"bidm {args.command}: error: {err}", file=sys.stderr)
-            return 1
-        raise
+    except (BidmError, FileNotFoundError) as err:  # errors the user can fix: one clear line, no traceback
+        print(f"bidm {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ import torch
 
 from bidm.diffusion import resize
 from bidm.errors import DataError
+from bidm.npz_io import uint8_to_images
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _uint8_nhwc_to_tensor(images: np.ndarray, size: int | None) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = uint8_to_images(images)
     return resize(x, size).clamp(-1, 1) if size else x
 
 

@@ -181,12 +181,6 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int, batch_size: int | N
     return out
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC (the ADM .npz layout), rounding as the DDIM/ADM repos."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear (antialiased) resize of an NCHW batch to size x size."""
     if x.shape[-1] == size and x.shape[-2] == size:

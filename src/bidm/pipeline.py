@@ -37,12 +37,20 @@ def ensure_student(cfg: Config) -> Path:
     return run_dir
 
 
+def teacher_sections(teacher: str | Path) -> dict:
+    """The data/model/diffusion/sample sections of a bidm teacher run (a student inherits them); {} for teachers
+    that are not bidm runs (official checkpoints, diffusers directories)."""
+    path = checkpoint.resolve(teacher)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    inherited = checkpoint.load(path).config
+    return {k: inherited[k] for k in ("data", "model", "diffusion", "sample")}
+
+
 def student_config(teacher_dir: Path, method: str, out_dir: Path, overrides: list[str] = ()) -> Config:
     """The student config: the teacher run's data/model/diffusion/sample sections + ``overrides``."""
-    inherited = checkpoint.load(teacher_dir).config
-    base = {k: inherited[k] for k in ("data", "model", "diffusion", "sample")}
     extra = [f"binarize.method={method}", f"binarize.teacher={teacher_dir}", f"out_dir={out_dir}"]
-    return load_config(None, list(overrides) + extra, base=base)
+    return load_config(None, list(overrides) + extra, base=teacher_sections(teacher_dir))
 
 
 def ensure_samples(

@@ -8,7 +8,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from bidm.config import Config
-from bidm.diffusion import ddim_sample, initial_noise, to_uint8
+from bidm.diffusion import ddim_sample, initial_noise
+from bidm.npz_io import images_to_uint8
 from bidm.train import schedule
 
 
@@ -52,5 +53,5 @@ def generate(
             generator=generator,
             clip_x0=clip_x0,
         )
-        out.append(to_uint8(x0))
+        out.append(images_to_uint8(x0))
     return np.concatenate(out)

@@ -8,7 +8,7 @@ same loop, optimizer, budget and data order. The output run directory is read by
 
 from __future__ import annotations
 
-from bidm.commands.common import add_config_args
+from bidm.commands.common import add_config_args, config_from_args
 
 
 def add_parser(sub) -> None:
@@ -26,32 +26,17 @@ def add_parser(sub) -> None:
 
 def build_config(args):
     """Teacher run's data/model/diffusion/sample sections <- --config <- --set <- --teacher/--method/--out."""
-    from pathlib import Path
-
-    from bidm import checkpoint
-    from bidm.config import load_config
     from bidm.errors import ConfigError
+    from bidm.pipeline import teacher_sections
 
-    overrides = list(args.overrides)
-    if args.teacher:
-        overrides.append(f"binarize.teacher={args.teacher}")
-    if args.method:
-        overrides.append(f"binarize.method={args.method}")
-    if args.out:
-        overrides.append(f"out_dir={args.out}")
-    if args.data_path:
-        overrides.append(f"data.path={args.data_path}")
-    cfg = load_config(args.config, overrides)
+    extra = [f"binarize.teacher={args.teacher}"] if args.teacher else []
+    extra += [f"binarize.method={args.method}"] if args.method else []
+    cfg = config_from_args(args, extra)
     if not cfg.binarize.teacher:
         raise ConfigError("no teacher: pass --teacher (or binarize.teacher in the config)")
     if cfg.binarize.method == "none":
         raise ConfigError("no method: pass --method (one of bidm.METHODS)")
-    base = {}
-    teacher_ckpt = checkpoint.resolve(cfg.binarize.teacher)
-    if teacher_ckpt.suffix == ".safetensors" and Path(teacher_ckpt).is_file():
-        inherited = checkpoint.load(teacher_ckpt).config
-        base = {k: inherited[k] for k in ("data", "model", "diffusion", "sample")}
-    return load_config(args.config, overrides, base=base)
+    return config_from_args(args, extra, base=teacher_sections(cfg.binarize.teacher))
 
 
 def main(args) -> int:

@@ -21,10 +21,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", help="dataset path (config key data.path)")
 
 
-def config_from_args(args: argparse.Namespace, extra: list[str] = ()) -> Config:
-    overrides = list(extra) + list(args.overrides)
+def config_from_args(args: argparse.Namespace, extra: list[str] = (), base: dict | None = None) -> Config:
+    """``base`` <- --config <- --set <- ``extra`` (a command's own flags) <- --out / --data-path."""
+    overrides = list(args.overrides) + list(extra)
     if getattr(args, "out", None):
         overrides.append(f"out_dir={args.out}")
     if getattr(args, "data_path", None):
         overrides.append(f"data.path={args.data_path}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, base=base)
