@@ -17,6 +17,13 @@ def test_defaults_overrides_and_round_trip(tmp_path):
     assert from_dict(to_dict(cfg)) == cfg
 
 
+def test_dotted_overrides_into_options_merge():
+    cfg = load_config(None, ["binarize.options.a=1", "binarize.options.b=false", "binarize.method_options.bidm.c=2"])
+    assert cfg.binarize.options == {"a": 1, "b": False} and cfg.binarize.method_options == {"bidm": {"c": 2}}
+    cfg = load_config(None, ["binarize.options.a=1", "binarize.options={b: 2}"])
+    assert cfg.binarize.options == {"b": 2}  # a whole mapping replaces
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

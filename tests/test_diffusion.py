@@ -67,6 +67,23 @@ def test_ddim_timesteps_uniform_and_quad():
         ddim_timesteps(0, 1000)
 
 
+@pytest.mark.parametrize("steps", [30, 100, 150, 300, 1000, 7, 999])
+def test_ddim_timesteps_any_step_count(steps):
+    T = 1000
+    seq = ddim_timesteps(steps, T, "uniform")
+    assert len(seq) == steps and len(set(seq)) == steps  # exactly S distinct steps
+    assert seq == sorted(seq) and seq[0] == 0
+    assert (T - 1) - seq[-1] < T / steps  # the first sampler step is within T/S of T-1
+    gaps = np.diff(seq)
+    assert gaps.min() >= np.floor(T / steps) and gaps.max() <= np.ceil(T / steps)
+    if T % steps == 0:
+        assert seq == list(range(0, T, T // steps))  # the official list where S divides T
+
+
+def test_ddim_timesteps_150_does_not_start_at_894():
+    assert ddim_timesteps(150, 1000)[-1] == 993  # range(0, 1000, 6)[:150] would end at 894
+
+
 def test_ddim_step_matches_hand_written_update():
     x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     a_t, a_prev = torch.tensor(0.5), torch.tensor(0.8)

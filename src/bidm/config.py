@@ -20,8 +20,8 @@ from bidm.unet import UNetConfig
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | folder
-    path: str | None = None  # cifar10 .npz / directory, image folder
+    name: str = "digits"  # digits | cifar10 | npz | folder
+    path: str | None = None  # cifar10 / npz: a .npz or a directory with {split}.npz; folder: an image dir
     split: str = "train"
     size: int = 16  # images are resized to size x size
     channels: int = 1  # digits only: 1 or 3
@@ -57,6 +57,9 @@ class TrainConfig:
 class BinarizeConfig:
     method: str = "none"  # "none" trains/holds an FP model; else a key of bidm.METHODS
     options: dict = field(default_factory=dict)  # keyword options of the method's layer factory
+    # per-method options, used only when that method is the one run (a recipe can serve every method):
+    # {"bidm": {"shortcut_scale_init": 0.0}}; ``options`` wins over them
+    method_options: dict = field(default_factory=dict)
     teacher: str | None = None  # FP teacher: a bidm run dir / checkpoint, an official .ckpt, or a diffusers dir
     # TBS cross-timestep connection (BiDM only by default; see bidm.tbs)
     tbs: bool = True
@@ -145,11 +148,14 @@ def _build(cls: type, values: dict, where: str):
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+OPAQUE = ("options", "diffusers_config")  # a mapping given for these replaces the old one as a whole
+
+
+def _deep_merge(base: dict, extra: dict, opaque: tuple[str, ...] = OPAQUE) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "diffusers_config"):
-            out[key] = _deep_merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in opaque:
+            out[key] = _deep_merge(out[key], value, opaque)
         else:
             out[key] = value
     return out
@@ -190,7 +196,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path} must hold a mapping of overrides, got {type(loaded).__name__}")
         values = _deep_merge(values, loaded)
     for text in overrides:
-        values = _deep_merge(values, parse_override(text))
+        # ``binarize.options={a: 1}`` replaces the options; ``binarize.options.a=1`` sets one of them
+        into_opaque = any(part.strip() in OPAQUE for part in text.split("=", 1)[0].split(".")[:-1])
+        values = _deep_merge(values, parse_override(text), () if into_opaque else OPAQUE)
     return _build(Config, values, "")
 
 

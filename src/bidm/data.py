@@ -3,6 +3,8 @@
 ``digits``   scikit-learn's bundled 8x8 handwritten digits (1797 images, offline), resized; the built-in default.
 ``cifar10``  the official python-pickle directory (``cifar-10-batches-py``) or an ``.npz`` with ``images`` uint8
              [N,32,32,3] and ``labels`` (the format of shared/data/cifar10), optionally resized (16 for CPU runs).
+``npz``      any ``.npz`` of uint8 ``images`` [N,H,W,C] (C = 1 or 3; optional ``labels``): a file, or a directory
+             holding ``{split}.npz``; optionally resized. The same benchmark protocol runs on any such dataset.
 ``folder``   any image folder (LSUN/FFHQ style), center-cropped and resized.
 """
 
@@ -69,7 +71,7 @@ def _read_npz(file: Path) -> tuple[np.ndarray, np.ndarray | None]:
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read {file} as .npz: {err}") from err
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{file}: expected uint8 images [N,H,W,3], got {images.dtype} {images.shape}")
+        raise DataError(f"{file}: expected uint8 images [N,H,W,C] with C = 1 or 3, got {images.dtype} {images.shape}")
     return images, labels
 
 
@@ -95,6 +97,19 @@ def load_cifar10(path: str | None = None, split: str = "train", size: int | None
     return _uint8_nhwc_to_tensor(images, size), y
 
 
+def load_npz(path: str | None = None, split: str = "train", size: int | None = None, **_):
+    """uint8 images from ``path``: a ``.npz`` file, or a directory holding ``{split}.npz``."""
+    if not path:
+        raise DataError("npz needs data.path: a .npz with uint8 'images' [N,H,W,C], or a directory with {split}.npz")
+    p = Path(path)
+    file = p if p.is_file() else p / f"{split}.npz"
+    if not file.is_file():
+        raise DataError(f"no .npz at {p}: expected a .npz file or a directory holding {split}.npz")
+    images, labels = _read_npz(file)
+    y = torch.from_numpy(labels) if labels is not None else None
+    return _uint8_nhwc_to_tensor(images, size), y
+
+
 def load_folder(path: str | None = None, size: int = 64, limit: int | None = None, **_):
     """Every image under ``path`` (recursively, sorted), center-cropped to a square and resized to ``size``."""
     from PIL import Image
@@ -115,7 +130,7 @@ def load_folder(path: str | None = None, size: int = 64, limit: int | None = Non
     return _uint8_nhwc_to_tensor(out, None), None
 
 
-DATASETS = {"digits": load_digits, "cifar10": load_cifar10, "folder": load_folder}
+DATASETS = {"digits": load_digits, "cifar10": load_cifar10, "npz": load_npz, "folder": load_folder}
 
 
 def load_dataset(name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:

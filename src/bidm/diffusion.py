@@ -77,15 +77,17 @@ def eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, reduction: str = "mean", 
 
 
 def ddim_timesteps(steps: int, num_timesteps: int = 1000, skip: str = "uniform") -> list[int]:
-    """The DDIM repo's timestep sequence, increasing (the sampler walks it backwards).
+    """The DDIM timestep sequence, increasing (the sampler walks it backwards).
 
-    ``uniform``: range(0, T, T // steps). ``quad``: (linspace(0, sqrt(0.8 T), steps) ** 2) as ints.
+    ``uniform``: t_i = floor(i * T / S) for i = 0 .. S-1: exactly S distinct increasing steps, the last within T/S
+    of T-1. Where S divides T this is the DDIM repo's ``range(0, T, T // S)``; elsewhere that list truncated to S
+    entries would start far from T (S = 150: t = 894), so the spacing is spread evenly instead.
+    ``quad``: (linspace(0, sqrt(0.8 T), steps) ** 2) as ints (the DDIM repo's).
     """
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
     if skip == "uniform":
-        stride = num_timesteps // steps
-        return list(range(0, num_timesteps, stride))[:steps] if stride > 0 else list(range(num_timesteps))
+        return [i * num_timesteps // steps for i in range(steps)]
     if skip == "quad":
         seq = np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2
         return [int(s) for s in seq]

@@ -12,13 +12,22 @@ import torch.nn as nn
 
 from bidm import checkpoint
 from bidm.config import Config, from_dict
-from bidm.errors import CheckpointError
+from bidm.errors import CheckpointError, ConfigError
 from bidm.unet import DiffusersUNet, UNetConfig, build_unet, load_state_dict_reporting, read_official_state_dict
 
 
 def uses_tbs(cfg: Config) -> bool:
     b = cfg.binarize
     return b.method == "bidm" and b.tbs and b.tbs_blocks > 0
+
+
+def method_options(cfg: Config) -> dict:
+    """The layer-factory options of ``cfg.binarize.method``: its ``method_options`` entry, then ``options``."""
+    b = cfg.binarize
+    per_method = b.method_options.get(b.method) or {}
+    if not isinstance(per_method, dict):
+        raise ConfigError(f"binarize.method_options.{b.method} must be a mapping, got {per_method!r}")
+    return {**per_method, **b.options}
 
 
 def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
@@ -30,7 +39,7 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
     res, ch = cfg.model.resolution, cfg.model.in_channels
     device = next(unet.parameters()).device
     example = (torch.zeros(1, ch, res, res, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    binarize_(unet, cfg.binarize.method, example_inputs=example, **cfg.binarize.options)
+    binarize_(unet, cfg.binarize.method, example_inputs=example, **method_options(cfg))
     if uses_tbs(cfg):
         from bidm.tbs import CrossTimestep
 

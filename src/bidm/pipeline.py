@@ -47,10 +47,13 @@ def teacher_sections(teacher: str | Path) -> dict:
     return {k: inherited[k] for k in ("data", "model", "diffusion", "sample")}
 
 
-def student_config(teacher_dir: Path, method: str, out_dir: Path, overrides: list[str] = ()) -> Config:
-    """The student config: the teacher run's data/model/diffusion/sample sections + ``overrides``."""
+def student_config(
+    teacher_dir: Path, method: str, out_dir: Path, overrides: list[str] = (), recipe: str | Path | None = None
+) -> Config:
+    """The student config: the teacher run's data/model/diffusion/sample sections <- the ``recipe`` YAML (if any)
+    <- ``overrides``."""
     extra = [f"binarize.method={method}", f"binarize.teacher={teacher_dir}", f"out_dir={out_dir}"]
-    return load_config(None, list(overrides) + extra, base=teacher_sections(teacher_dir))
+    return load_config(recipe, list(overrides) + extra, base=teacher_sections(teacher_dir))
 
 
 def ensure_samples(

@@ -1,0 +1,75 @@
+"""The paper's BiDM ablation (Tables 3, 5, 7) on protocol v2 (bench/protocol.py), at CPU scale.
+
+Every variant is the ``bidm`` method under configs/recipes/cpu_cifar16.yaml with some components switched off:
+
+    vanilla   BiDM's layer with k frozen at 1/(kh*kw) and no k bias (XNOR's box filter), no TBS, no SPD
+    +k        learnable k (with its bias, as the official code)
+    +k+tbs    + the cross-timestep connection (TBS complete)
+    bidm      + SPD (= BiDM)
+    bidm-l2   BiDM with plain L2 feature distillation instead of SPD (Table 7)
+    bidm-none = +k+tbs (no feature loss; listed once)
+
+Rows go to bench/results/ablation_cifar16.json (field ``variant``) and bench/RESULTS.md. Seeds: 3 for vanilla and
+bidm, 1 for the rest. Runs in parts with ``--variants`` / ``--seeds``; the full ``bidm`` variant's run directory
+is shared with bench/quality.py (same config), so it is trained once.
+
+    python bench/ablation.py --variants vanilla,bidm --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol as P  # noqa: E402
+import render_results  # noqa: E402
+
+VARIANTS = {
+    "vanilla": ["binarize.options.learnable_k=false", "binarize.options.k_bias=false", "binarize.tbs=false",
+                "binarize.feature_loss=none"],
+    "+k": ["binarize.tbs=false", "binarize.feature_loss=none"],
+    "+k+tbs": ["binarize.feature_loss=none"],
+    "bidm": [],
+    "bidm-l2": ["binarize.feature_loss=l2"],
+}  # fmt: skip
+THREE_SEEDS = ("vanilla", "bidm")
+RESULTS_FILE = P.RESULTS / "ablation_cifar16.json"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", default=str(P.ROOT.parent / "shared/data/cifar10"))
+    p.add_argument("--teacher", default="runs/cifar16_teacher")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seeds", default=None, help="default: 0,1,2 for vanilla and bidm, 0 for the rest")
+    p.add_argument("--out", default="bench/out/quality_v2", help="run directories (shared with bench/quality.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    teacher_dir, teacher_cfg = P.run_teacher(args.data_path, args.teacher)
+    n, n_ref, steps, eta = (P.PROTOCOL[k] for k in ("n_samples", "n_ref", "sample_steps", "eta"))
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0, 1, 2] if variant in THREE_SEEDS else [0]
+        for seed in seeds:
+            t0 = time.perf_counter()
+            name = "bidm" if variant == "bidm" else f"ablation_{variant.replace('+', 'p')}"
+            cfg = P.student(teacher_dir, "bidm", seed, Path(args.out) / f"{name}_s{seed}", args.data_path,
+                            [*VARIANTS[variant], *args.overrides])  # fmt: skip
+            run_dir, train_s = P.train_student(cfg)
+            result = P.evaluate_run(run_dir, teacher_cfg, n=n, n_ref=n_ref, steps=steps, eta=eta, seed=seed)
+            label = {"method": "bidm", "variant": variant, "seed": seed, "dataset": "cifar10"}
+            P.add_rows(RESULTS_FILE, P.rows_for(label, run_dir, cfg, result, steps=cfg.train.steps, train_s=train_s))
+            print(f"{variant} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    render_results.main([])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

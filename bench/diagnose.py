@@ -1,0 +1,83 @@
+"""Per-timestep epsilon error of binary students against their FP teacher (bidm.analysis), as one table.
+
+Each student is a trained run directory, or ``init:METHOD[,key=value...]`` for a freshly binarized copy of the
+teacher (step 0, the start of QAT; ``key=value`` are config overrides such as ``binarize.options.k_bias=false``).
+
+    python bench/diagnose.py --teacher runs/cifar16_teacher runs/v/xnor runs/v/bidm init:xnor init:bidm
+
+Columns: mean MSE(student eps, teacher eps) over the DDIM steps of each t range on the teacher's trajectory
+("traj"), and on the training distribution (q_sample of real images, "train"; the TBS cache from t + T/steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bidm import checkpoint
+from bidm.analysis import bucket_means, eps_error_by_timestep, trajectory_eps_error
+from bidm.config import from_dict
+from bidm.data import load_training_images
+from bidm.diffusion import initial_noise
+from bidm.models import load_model, load_teacher, student_from_teacher
+from bidm.pipeline import student_config
+from bidm.train import schedule
+
+
+def build(spec: str, teacher_dir: Path, teacher):
+    if not spec.startswith("init:"):
+        return load_model(spec)
+    method, *overrides = spec[len("init:") :].split(",")
+    cfg = student_config(teacher_dir, method, Path("/tmp/unused"), overrides)
+    torch.manual_seed(cfg.train.seed)
+    return student_from_teacher(teacher, cfg).eval(), cfg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("students", nargs="+")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--n", type=int, default=128, help="batch of images / x_T")
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps of the trajectory")
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--out", default=None, help="JSON file for every row")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    teacher_dir = Path(args.teacher)
+    teacher_cfg = from_dict(checkpoint.load(teacher_dir).config)
+    teacher, _ = load_teacher(teacher_dir, teacher_cfg.model)
+    acp = schedule(teacher_cfg)
+    x0 = load_training_images(teacher_cfg)[: args.n]  # fixed seeded shuffle of the teacher's data
+    shape = (teacher_cfg.model.in_channels, teacher_cfg.model.resolution, teacher_cfg.model.resolution)
+    x_T = initial_noise(args.n, shape, seed=123)
+    t_train = list(range(5, 1000, 50))
+    results = {}
+    for spec in args.students:
+        model, cfg = build(spec, teacher_dir, teacher)
+        traj = trajectory_eps_error(model, teacher, x_T, acp, steps=args.steps, eta=args.eta, clip_x0=True)
+        train = eps_error_by_timestep(model, teacher, x0, acp, t_train, cache_offset=1000 // args.steps)
+        results[spec] = {"trajectory": traj, "train": train}
+    edges = (0, 100, 300, 600, 1000)
+    names = [f"{lo}-{hi}" for lo, hi in zip(edges[:-1], edges[1:])]
+    print("| student | " + " | ".join(f"traj {n}" for n in names) + " | traj all | train all | train vs true |")
+    print("|---" * (len(names) + 4) + "|")
+    for spec, r in results.items():
+        b = bucket_means(r["trajectory"], "student_vs_teacher", edges)
+        traj_all = sum(x["student_vs_teacher"] for x in r["trajectory"]) / len(r["trajectory"])
+        train_all = sum(x["student_vs_teacher"] for x in r["train"]) / len(r["train"])
+        true_all = sum(x["student_vs_true"] for x in r["train"]) / len(r["train"])
+        cells = " | ".join(f"{b[n]:.4f}" for n in names)
+        print(f"| {spec} | {cells} | {traj_all:.4f} | {train_all:.4f} | {true_all:.4f} |")
+    floor = sum(x["teacher_vs_true"] for x in next(iter(results.values()))["train"]) / len(t_train)
+    print(f"teacher vs true eps (train distribution): {floor:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

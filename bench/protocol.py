@@ -1,0 +1,260 @@
+"""The CPU-scale quality protocol shared by bench/quality.py and bench/ablation.py, and its committed results.
+
+Protocol v2 (``PROTOCOL``): one FP teacher (configs/cifar16_teacher.yaml, CIFAR-10 at 16x16, seed 0, trained once
+and reused); every student is that teacher binarized and trained with configs/recipes/cpu_cifar16.yaml (the same
+budget, batch, optimizer and lr for every method); seed s sets the student's new parameters, its data order and the
+x_T of its samples. Each model draws ``n_samples`` images with DDIM and is scored with the standard Inception
+network against a fixed random subset of ``n_ref`` CIFAR-10 training images (FID, sFID, precision, recall), plus
+the domain feature space as a secondary column.
+
+Results outlive the machine: each finished model appends its rows to a committed JSON file
+(``{"protocol": {...}, "rows": [...]}``) with the git commit of the code that trained it, whether the tree was
+dirty, a hash of its resolved config and the machine. `render_markdown` turns a file into the tables of
+bench/RESULTS.md; a row is *stale* when its config hash differs from what the current code and protocol would
+train, or when the files that decide training, sampling or scoring changed since its commit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from bidm.config import Config, load_config, to_dict
+from bidm.pipeline import (
+    ensure_metrics,
+    ensure_samples,
+    ensure_student,
+    ensure_summary,
+    ensure_teacher,
+    student_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PROTOCOL = {
+    "name": "cifar16-v2",
+    "dataset": "CIFAR-10 train, 16x16 (shared/data/cifar10, decoded from JPEG)",
+    "teacher_config": "configs/cifar16_teacher.yaml",
+    "recipe": "configs/recipes/cpu_cifar16.yaml",
+    "n_samples": 2000,
+    "n_ref": 10000,
+    "sample_steps": 100,
+    "eta": 1.0,
+    "clip_x0": True,
+    "features": ["inception", "domain"],
+}
+# files whose change since a row's commit flags the row as stale (they decide training, sampling or scoring);
+# FP teacher rows depend on the first list only
+TEACHER_FILES = [
+    "src/bidm/train.py",
+    "src/bidm/diffusion.py",
+    "src/bidm/unet.py",
+    "src/bidm/sample.py",
+    "src/bidm/data.py",
+    "src/bidm/metrics.py",
+    "src/bidm/features.py",
+    "src/bidm/evaluate.py",
+    "configs/cifar16_teacher.yaml",
+]
+STUDENT_FILES = TEACHER_FILES + [
+    "src/bidm/binarize", "src/bidm/tbs.py", "src/bidm/distill.py", "src/bidm/qat.py", "src/bidm/models.py",
+    "configs/recipes/cpu_cifar16.yaml",
+]  # fmt: skip
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def code_version() -> dict:
+    """{"commit": HEAD, "dirty": whether a tracked file differs from HEAD}."""
+    status = _git("status", "--porcelain", "--", *STUDENT_FILES)
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status)}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def config_hash(cfg: Config) -> str:
+    """sha1 of the resolved config without its paths (out_dir, teacher, data path): what decides the model."""
+    d = to_dict(cfg)
+    d.pop("out_dir", None)
+    d["binarize"].pop("teacher", None)
+    d["data"].pop("path", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def teacher_config(data_path: str, teacher_dir: str, extra=()) -> Config:
+    return load_config(ROOT / PROTOCOL["teacher_config"], [f"out_dir={teacher_dir}", f"data.path={data_path}", *extra])
+
+
+def student(teacher_dir: Path, method: str, seed: int, out_dir: Path, data_path: str, extra=()) -> Config:
+    """The protocol's student config: teacher sections <- recipe <- seed <- ``extra`` overrides."""
+    overrides = [f"train.seed={seed}", f"sample.seed={seed}", f"data.path={data_path}", *extra]
+    return student_config(teacher_dir, method, out_dir, overrides, recipe=ROOT / PROTOCOL["recipe"])
+
+
+def evaluate_run(run_dir: Path, cfg: Config, *, n: int, n_ref: int, steps: int, eta: float, seed: int) -> dict:
+    """Samples + efficiency summary + metrics of one run; returns {"metrics": ..., "summary": ..., "seconds": ...}."""
+    t0 = time.perf_counter()
+    ensure_samples(run_dir, n=n, steps=steps, eta=eta, clip_x0=PROTOCOL["clip_x0"], seed=seed, batch_size=250)
+    t1 = time.perf_counter()
+    summary = ensure_summary(run_dir)
+    metrics = ensure_metrics(run_dir, cfg, feature_spaces={s: n for s in PROTOCOL["features"]}, n_ref=n_ref)
+    return {"metrics": metrics, "summary": summary, "sample_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+
+def rows_for(label: dict, run_dir: Path, cfg: Config, result: dict, *, steps: int, train_s: float | None):
+    """One row per feature space of a finished model."""
+    version = code_version()
+    base = {
+        **label,
+        "steps": steps,
+        "config_hash": config_hash(cfg),
+        **version,
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "train_seconds": None if train_s is None else round(train_s),
+        "sample_seconds": round(result["sample_s"]),
+        "size_mib": result["summary"].get("size_mib"),
+        "ops": result["summary"].get("ops"),
+    }
+    rows = []
+    for m in result["metrics"]["results"]:
+        rows.append(
+            {
+                **base,
+                "feature_space": m["feature_space"],
+                "n_samples": m["n_samples"],
+                "n_ref": m["n_reference"],
+                "fid": m.get("fid"),
+                "sfid": m.get("sfid"),
+                "precision": m.get("precision"),
+                "recall": m.get("recall"),
+            }
+        )
+    return rows
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"protocol": PROTOCOL, "rows": []}
+
+
+def add_rows(path: Path, rows: list[dict], key=("method", "variant", "seed", "feature_space")) -> None:
+    """Merge ``rows`` into the committed file (a row with the same key is replaced) and write it atomically."""
+    data = load_results(path)
+    new_keys = {tuple(r.get(k) for k in key) for r in rows}
+    kept = [r for r in data["rows"] if tuple(r.get(k) for k in key) not in new_keys]
+    data = {"protocol": PROTOCOL, "rows": kept + rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def is_stale(row: dict) -> str | None:
+    """Why ``row`` may no longer describe the current code, or None."""
+    if row.get("dirty"):
+        return "trained from uncommitted code"
+    commit = row.get("commit")
+    if not commit or _git("cat-file", "-e", f"{commit}^{{commit}}") is None:
+        return "unknown commit"
+    files = TEACHER_FILES if row.get("method") == "fp32" else STUDENT_FILES
+    if _git("diff", "--quiet", commit, "HEAD", "--", *files) is None:
+        return "code changed since"
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def aggregate(rows: list[dict], group: str) -> list[dict]:
+    """Per ``group`` value (method or variant): its rows of each feature space and the stale reasons met."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        g = out.setdefault(r[group], {"name": r[group], "inception": [], "domain": [], "stale": []})
+        g[r["feature_space"]].append(r)
+        reason = is_stale(r)
+        if reason and r["feature_space"] == "inception":
+            g["stale"].append((r, reason))
+    return list(out.values())
+
+
+def render_markdown(data: dict, group: str = "method") -> str:
+    """The Markdown table of a results file: mean ± std (sample std over seeds) per method / variant; a † marks
+    rows trained by code that has changed since (listed below the table)."""
+    groups = aggregate(data["rows"], group)
+    order = sorted(groups, key=lambda g: (g["name"] != "fp32", _mean([r["fid"] for r in g["inception"]])))
+    lines = [
+        f"| {group} | seeds | steps | FID↓ | sFID↓ | Prec.↑ (%) | Rec.↑ (%) | domain FID↓ | n (ref) | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in order:
+        inc, dom = g["inception"], g["domain"]
+        if not inc:
+            continue
+        seeds = sorted({r["seed"] for r in inc})
+        commits = sorted({(r["commit"] or "?")[:7] for r in inc})
+        mark = " †" if g["stale"] else ""
+        lines.append(
+            f"| {g['name']}{mark} | {','.join(map(str, seeds))} | {inc[0]['steps']} | "
+            f"{_cell([r['fid'] for r in inc])} | "
+            f"{_cell([r['sfid'] for r in inc])} | {_cell([r['precision'] for r in inc], 100)} | "
+            f"{_cell([r['recall'] for r in inc], 100, 2)} | {_cell([r['fid'] for r in dom], 1, 2)} | "
+            f"{inc[0]['n_samples']} ({inc[0]['n_ref']}) | {', '.join(commits)} |"
+        )
+    stale = [(r, why) for g in groups for r, why in g["stale"]]
+    if stale:
+        lines += ["", "† rows whose code changed since they were trained (rerun to refresh):", ""]
+        for r, why in stale:
+            commit = (r["commit"] or "?")[:7]
+            lines.append(f"- {r[group]} seed {r['seed']}: FID {r['fid']:.1f} ({why}; commit {commit})")
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("inf")
+
+
+def run_teacher(data_path: str, teacher_dir: str) -> tuple[Path, Config]:
+    cfg = teacher_config(data_path, teacher_dir)
+    return ensure_teacher(cfg), cfg
+
+
+def train_student(cfg: Config) -> tuple[Path, float | None]:
+    t0 = time.perf_counter()
+    already = (Path(cfg.out_dir) / "checkpoint.safetensors").is_file()
+    run_dir = ensure_student(cfg)
+    return run_dir, None if already else time.perf_counter() - t0

@@ -1,0 +1,94 @@
+"""Render the committed quality/ablation results (bench/results/*.json) into bench/RESULTS.md.
+
+Each results file owns one section of RESULTS.md between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers;
+everything outside the markers is left as written. Run after any bench that adds rows:
+
+    python bench/render_results.py
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol as P  # noqa: E402
+
+RESULTS_MD = P.ROOT / "bench" / "RESULTS.md"
+SECTIONS = {"quality_cifar16": "method", "ablation_cifar16": "variant"}
+
+
+def headline(data: dict) -> str:
+    """The issue-9 goal figures: FID(bidm) / FID(best baseline) and the gap against the seed spread."""
+    groups = {g["name"]: g for g in P.aggregate(data["rows"], "method")}
+    fid = {k: [r["fid"] for r in g["inception"]] for k, g in groups.items() if g["inception"]}
+    if "bidm" not in fid:
+        return ""
+    baselines = {k: v for k, v in fid.items() if k not in ("fp32", "bidm")}
+    if not baselines:
+        return ""
+    best = min(baselines, key=lambda k: P.mean_std(baselines[k])[0])
+    (mb, sb), (mx, sx) = P.mean_std(fid["bidm"]), P.mean_std(baselines[best])
+    ratio = mb / mx
+    spread = max(v for v in (sb, sx) if not math.isnan(v)) if not (math.isnan(sb) and math.isnan(sx)) else None
+    gap = mx - mb
+    rank = 1 + sum(P.mean_std(v)[0] < mb for v in baselines.values())
+    text = (
+        f"FID(bidm) / FID(best baseline = {best}) = {mb:.1f} / {mx:.1f} = **{ratio:.2f}**; "
+        f"bidm ranks {rank} of {len(baselines) + 1} binary methods by mean FID"
+    )
+    if spread is not None:
+        text += f"; gap {gap:.1f} vs twice the larger seed std {2 * spread:.1f}"
+    missing = sorted(set(P_METHODS()) - set(fid))
+    if missing:
+        text += f". Not yet measured under this protocol: {', '.join(missing)}"
+    return text + ".\n"
+
+
+def P_METHODS() -> list[str]:
+    from bidm import METHODS
+
+    return sorted(METHODS)
+
+
+def section(name: str, group: str) -> str | None:
+    path = P.RESULTS / f"{name}.json"
+    if not path.is_file():
+        return None
+    data = P.load_results(path)
+    proto = data["protocol"]
+    rows = data["rows"]
+    fresh = [r for r in rows if r["feature_space"] == "inception"]
+    machines = sorted({r["machine"] for r in fresh})
+    text = (
+        f"Protocol `{proto['name']}`: {proto['dataset']}; teacher `{proto['teacher_config']}`, students "
+        f"`{proto['recipe']}`; {proto['n_samples']} samples per model, DDIM {proto['sample_steps']} steps (eta "
+        f"{proto['eta']}, x0 clipped), Inception FID/sFID/precision/recall against {proto['n_ref']} training "
+        f"images; domain FID = the small CNN feature space (secondary). mean ± sample std over seeds. "
+        f"Rendered from `bench/results/{name}.json` by `bench/render_results.py`. Machines: {'; '.join(machines)}.\n\n"
+    )
+    if group == "method":
+        text += headline(data) + "\n"
+    return text + P.render_markdown(data, group)
+
+
+def main(argv=None) -> int:
+    md = RESULTS_MD.read_text()
+    for name, group in SECTIONS.items():
+        body = section(name, group)
+        if body is None:
+            continue
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        block = f"{begin}\n{body}{end}"
+        if begin in md and end in md:
+            md = md[: md.index(begin)] + block + md[md.index(end) + len(end) :]
+        else:
+            md = md.rstrip("\n") + f"\n\n## {name} (rendered)\n\n{block}\n"
+    RESULTS_MD.write_text(md)
+    print(f"wrote {RESULTS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Named recipes load, per-method options apply to their method only, the generic npz dataset, and the bench's
+committed-results bookkeeping (merge, stale rows, mean +- std)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from bidm.analysis import bucket_means, eps_error_by_timestep, trajectory_eps_error
+from bidm.config import load_config
+from bidm.data import load_dataset
+from bidm.diffusion import alphas_cumprod, make_betas
+from bidm.errors import DataError
+from bidm.models import build_model, method_options
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist_and_load():
+    names = {p.name for p in RECIPES}
+    assert {"paper_cifar10.yaml", "paper_ldm.yaml", "cpu_cifar16.yaml"} <= names
+    cifar = load_config(ROOT / "configs/recipes/paper_cifar10.yaml")
+    assert (cifar.train.lr, cifar.train.batch_size, cifar.train.steps) == (6e-5, 64, 100000)
+    assert cifar.train.loss_reduction == "sum" and cifar.train.ema_decay == 0.9999 and cifar.train.grad_clip == 1.0
+    assert cifar.sample.steps == 100 and cifar.sample.eta == 0.0
+    assert method_options(cifar) == {"shortcut_scale_init": 0.0, "shortcut_abs": False}
+    ldm = load_config(ROOT / "configs/recipes/paper_ldm.yaml")
+    assert (ldm.train.optimizer, ldm.train.lr, ldm.train.batch_size, ldm.train.steps) == ("adamw", 2e-5, 4, 200000)
+    assert ldm.train.loss_reduction == "mean" and ldm.diffusion.schedule == "sqrt_linear"
+    cpu = load_config(ROOT / "configs/recipes/cpu_cifar16.yaml")
+    assert cpu.train.steps >= 2000
+
+
+def test_method_options_apply_to_their_method_only():
+    tiny = ["model.ch=32", "model.ch_mult=[1, 2]", "model.num_res_blocks=1", "model.attn_resolutions=[8]",
+            "model.resolution=8", "binarize.method_options.bidm.shortcut_scale_init=0.0",
+            "binarize.method_options.bidm.shortcut_abs=false"]  # fmt: skip
+    bidm = build_model(load_config(None, [*tiny, "binarize.method=bidm"]))
+    scales = [m.shortcut.scale for m in bidm.modules() if hasattr(m, "shortcut") and m.shortcut.scale is not None]
+    assert scales and all(float(s) == 0.0 for s in scales)
+    xnor = build_model(load_config(None, [*tiny, "binarize.method=xnor"]))  # bidm's options do not reach xnor
+    assert not any(hasattr(m, "shortcut") for m in xnor.modules())
+    cfg = load_config(None, [*tiny, "binarize.method=bidm", "binarize.options={shortcut_scale_init: 0.5}"])
+    assert method_options(cfg)["shortcut_scale_init"] == 0.5  # options win
+
+
+def test_npz_dataset(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=images)
+    x, y = load_dataset("npz", path=str(tmp_path), split="train", size=4)
+    assert x.shape == (5, 3, 4, 4) and y is None and x.min() >= -1 and x.max() <= 1
+    x, _ = load_dataset("npz", path=str(tmp_path / "train.npz"))
+    assert torch.allclose((x[0].permute(1, 2, 0) + 1) * 127.5, torch.from_numpy(images[0]).float(), atol=0.51)
+    with pytest.raises(DataError, match="test.npz"):
+        load_dataset("npz", path=str(tmp_path), split="test")
+    with pytest.raises(DataError, match="data.path"):
+        load_dataset("npz", path=None)
+
+
+class _Const(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x, t):
+        return self.scale * x
+
+
+def test_eps_error_functions_on_known_answers():
+    acp = alphas_cumprod(make_betas()).float()
+    x0 = torch.zeros(4, 1, 2, 2)  # x_t = s * eps with s = sqrt(1 - a_t): teacher x -> s eps, student 2x -> 2s eps
+    m = float(torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).square().mean())
+    rows = eps_error_by_timestep(_Const(2.0), _Const(1.0), x0, acp, [999, 500], seed=0)
+    assert [r["t"] for r in rows] == [999, 500]
+    for r in rows:
+        s = float((1 - acp[r["t"]]).sqrt())
+        assert r["student_vs_teacher"] == pytest.approx(s**2 * m, rel=1e-5)
+        assert r["teacher_vs_true"] == pytest.approx((s - 1) ** 2 * m, rel=1e-4, abs=1e-9)
+        assert r["student_vs_true"] == pytest.approx((2 * s - 1) ** 2 * m, rel=1e-5)
+    same = trajectory_eps_error(_Const(1.0), _Const(1.0), torch.randn(3, 1, 2, 2), acp, steps=10)
+    assert len(same) == 10 and all(r["student_vs_teacher"] == 0 for r in same)
+    assert [r["t"] for r in same] == sorted((r["t"] for r in same), reverse=True)
+    rows = [{"t": 5, "v": 1.0}, {"t": 50, "v": 3.0}, {"t": 500, "v": 7.0}]
+    assert bucket_means(rows, "v", (0, 100, 1000)) == {"0-100": 2.0, "100-1000": 7.0}
