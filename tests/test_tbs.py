@@ -196,3 +196,31 @@ def test_deepcopy_after_forward_and_replaced_block_raises():
     setattr(w.unet.get_submodule(parent), child, copy.deepcopy(w.unet.get_submodule(name)))
     with pytest.raises(RuntimeError, match="did not run"):
         w(x, t)
+
+
+def test_cache_input_same_and_forward_noise():
+    acp = alphas_cumprod(make_betas()).float()
+    x0 = torch.randn(4, 1, 2, 2)
+    eps = torch.randn(4, 1, 2, 2)
+    t = torch.tensor([0, 100, 995, 999])
+    x_t = q_sample(x0, t, eps, acp)
+    same = CrossTimestep(Toy(), n_blocks=1, train_cache="t+10")
+    x_c, t_c = same.cache_input(x0, x_t, t, eps, acp, torch.Generator().manual_seed(0))
+    assert t_c.tolist() == [10, 110, 999, 999]
+    assert torch.allclose(x_c, q_sample(x0, t_c, eps, acp))  # official: the same eps
+    fwd = CrossTimestep(Toy(), n_blocks=1, train_cache="t+10", cache_noise="forward")
+    x_f, t_f = fwd.cache_input(x0, x_t, t, eps, acp, torch.Generator().manual_seed(0))
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0))
+    r = (acp[t_f] / acp[t]).view(-1, 1, 1, 1)
+    assert torch.allclose(x_f, r.sqrt() * x_t + (1 - r).sqrt() * z)  # x_t' ~ q(x_t' | x_t)
+    assert torch.equal(x_f[3], x_t[3])  # t = T-1: t' = t, nothing added
+    # the forward joint: x_t' given x0 has the marginal of q_sample(x0, t') (mean sqrt(a') x0, var 1 - a')
+    big_x0 = torch.full((20000, 1, 1, 1), 0.5)
+    tt = torch.full((20000,), 300)
+    xt = q_sample(big_x0, tt, torch.randn(big_x0.shape), acp)
+    xf, tf = fwd.cache_input(big_x0, xt, tt, None, acp, torch.Generator().manual_seed(1))
+    a = acp[310]
+    assert float(xf.mean()) == pytest.approx(float(a.sqrt() * 0.5), abs=0.02)
+    assert float(xf.var()) == pytest.approx(float(1 - a), rel=0.03)
+    with pytest.raises(ConfigError, match="cache_noise"):
+        CrossTimestep(Toy(), n_blocks=1, cache_noise="fresh")

@@ -65,7 +65,8 @@ class BinarizeConfig:
     tbs: bool = True
     tbs_blocks: int = 8  # the last n output blocks are mixed (paper: 8; 0 = off)
     tbs_alpha_init: float = 0.3  # paper 0.3; official CIFAR code 0.0
-    train_cache: str = "t+1"  # t+1 (official) | sampler (cache from t + T/steps, matches sampling)
+    train_cache: str = "t+1"  # t+1 (official) | t+K | sampler (cache from t + T/steps, matches sampling)
+    train_cache_noise: str = "same"  # same (official; eta=0 joint) | forward (x_t' ~ q(x_t'|x_t); eta=1 joint)
     # distillation
     feature_loss: str = "auto"  # spd | l2 | none | auto (= spd for bidm, none for the baselines; bidm.qat)
     spd_lambda: float = 1e-2  # code & paper App. A (LDM); paper CIFAR 3e-2; paper text "4"

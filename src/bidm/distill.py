@@ -184,7 +184,8 @@ class DistillObjective(nn.Module):
     (reached through ``.module``); it needs ``feature_blocks()`` when a feature loss is on.
         1. t ~ U{0..T-1} (or antithetic), then eps ~ N(0, I), both from ``generator`` (so a resume is exact).
         2. TBS student only: cache = student.cache_pass(q_sample(x0, t', eps), t') with t' = min(t + 1, T - 1)
-           (``student.train_cache``), no grad, no mixing, the same eps.
+           (``student.train_cache``), no grad, no mixing, the same eps (``cache_noise="forward"``: x_{t'} drawn
+           from q(x_{t'} | x_t) instead, see `bidm.tbs.CrossTimestep.cache_input`).
         3. x_t = q_sample(x0, t, eps).
         4. Teacher at t, no grad, feature blocks tapped (skipped when neither feature loss nor output KD needs it).
         5. Student at t with the cache (TBS) or plain; its feature-block outputs (post-mix for TBS).
@@ -302,8 +303,8 @@ class DistillObjective(nn.Module):
         # 2. training cache from t' (no grad, no mix, same eps)
         cache = None
         if use_cache:
-            t_cache = student.cache_timestep(t)
-            cache = student.cache_pass(q_sample(x0, t_cache, noise, self.acp), t_cache)
+            x_cache, t_cache = student.cache_input(x0, q_sample(x0, t, noise, self.acp), t, noise, self.acp, generator)
+            cache = student.cache_pass(x_cache, t_cache)
 
         # 3.-4. x_t and the teacher
         x_t = q_sample(x0, t, noise, self.acp)

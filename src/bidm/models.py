@@ -57,6 +57,7 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
             alpha_init=b.tbs_alpha_init,
             num_timesteps=cfg.diffusion.num_timesteps,
             train_cache=b.train_cache,
+            cache_noise=b.train_cache_noise,
             sampler_steps=cfg.sample.steps,
         )
     return unet

@@ -22,6 +22,11 @@ Where the cache comes from (reference §3, §9.6) -- a train/test mismatch inher
       ``train_cache="t+K"`` (e.g. ``"t+10"`` for a 100-step sampler, ``"t+5"`` for 200 steps) or ``"sampler"``
       (K from ``sampler_steps``) moves t' to min(t + K, T - 1) to match the sampler stride; this is our
       improvement switch, not the paper's recipe. The cache stays un-mixed either way.
+      ``cache_noise`` says how x_{t'} relates to x_t: ``"same"`` (official) noises x0 with the same eps, the
+      joint of two steps of a deterministic (eta = 0) DDIM trajectory; ``"forward"`` draws
+      x_{t'} ~ q(x_{t'} | x_t) = N(sqrt(a_{t'}/a_t) x_t, (1 - a_{t'}/a_t) I) with fresh noise, the joint of the
+      forward process, which is what a stochastic (eta = 1, ancestral) sampler's consecutive steps follow. With
+      "same" and an eta = 1 sampler the mix is trained on a cache far more like x_t than the one it meets.
     * Sampling (`denoise`): the cache is the previous *sampler* step's post-mix outputs (t + 10 with 100 DDIM
       steps, t + 5 with 200); the first step has no cache and so no mixing. The alpha row is always the one of the
       current t, so with 200 steps two consecutive steps share a row and with 50 steps every other row is unused.
@@ -48,9 +53,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from bidm.diffusion import q_sample
 from bidm.errors import ConfigError
 
 Cache = dict[str, torch.Tensor]
+CACHE_NOISE = ("same", "forward")
 
 
 def timestep_bucket(t: torch.Tensor, num_buckets: int = 100, num_timesteps: int = 1000) -> torch.Tensor:
@@ -94,6 +101,8 @@ class CrossTimestep(nn.Module):
         train_cache: the timestep of the training cache pass (`cache_timestep`, `parse_train_cache`): ``"t+1"``
             (faithful), ``"t+K"``, or ``"sampler"`` (K = num_timesteps // sampler_steps).
         sampler_steps: DDIM steps of sampling; only read by ``train_cache="sampler"``.
+        cache_noise: ``"same"`` (official) or ``"forward"``: how the training cache's x_{t'} is drawn
+            (`cache_input`, module docstring).
 
     Calls:
         ``wrapper(x, t, cache=None)`` -> eps. With a cache the mixed blocks mix, without one nothing mixes.
@@ -112,8 +121,12 @@ class CrossTimestep(nn.Module):
         alpha_init: float = 0.3,
         train_cache: str = "t+1",
         sampler_steps: int | None = None,
+        cache_noise: str = "same",
     ):
         super().__init__()
+        if cache_noise not in CACHE_NOISE:
+            raise ConfigError(f"cache_noise must be one of {CACHE_NOISE}, got {cache_noise!r}")
+        self.cache_noise = cache_noise
         names = list(unet.feature_blocks())
         n_out = unet.num_output_blocks() if hasattr(unet, "num_output_blocks") else len(names)
         if not 0 <= n_blocks <= n_out:
@@ -147,7 +160,7 @@ class CrossTimestep(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"n_blocks={self.n_blocks}, num_buckets={self.num_buckets}, num_timesteps={self.num_timesteps}, "
-            f"train_cache={self.train_cache!r}"
+            f"train_cache={self.train_cache!r}, cache_noise={self.cache_noise!r}"
         )
 
     def feature_blocks(self) -> list[str]:
@@ -214,6 +227,26 @@ class CrossTimestep(nn.Module):
     def cache_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """t' = min(t + k, T - 1), the timestep of the training cache pass (k = 1 for ``train_cache="t+1"``)."""
         return (t + self.cache_offset).clamp(max=self.num_timesteps - 1)
+
+    def cache_input(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        acp: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{t'}, t') of the training cache pass for x_t = q_sample(x0, t, eps): ``cache_noise="same"`` gives
+        q_sample(x0, t', eps); ``"forward"`` gives sqrt(r) x_t + sqrt(1 - r) z, r = a_{t'} / a_t, z ~ N(0, I)
+        drawn from ``generator`` (on its device)."""
+        t_cache = self.cache_timestep(t)
+        if self.cache_noise == "same":
+            return q_sample(x0, t_cache, eps, acp), t_cache
+        a = acp.to(x_t.device)
+        ratio = (a[t_cache] / a[t]).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        z = torch.randn(x_t.shape, generator=generator, device=generator.device).to(x_t)
+        return ratio.sqrt() * x_t + (1 - ratio).sqrt() * z, t_cache
 
     @torch.no_grad()
     def cache_pass(self, x_tp1: torch.Tensor, t_tp1: torch.Tensor, **kwargs: Any) -> Cache:
