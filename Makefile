@@ -27,7 +27,7 @@ bench-kernel: $(STAMP)
 	$(PY) bench/kernel.py
 
 bench-quality: $(STAMP)
-	$(PY) bench/quality.py --quick
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) runs .cache build

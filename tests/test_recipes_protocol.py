@@ -1,6 +1,9 @@
 """Named recipes load, per-method options apply to their method only, the generic npz dataset, and the bench's
 committed-results bookkeeping (merge, stale rows, mean +- std)."""
 
+import importlib.util
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,39 @@ def test_eps_error_functions_on_known_answers():
     assert [r["t"] for r in same] == sorted((r["t"] for r in same), reverse=True)
     rows = [{"t": 5, "v": 1.0}, {"t": 50, "v": 3.0}, {"t": 500, "v": 7.0}]
     assert bucket_means(rows, "v", (0, 100, 1000)) == {"0-100": 2.0, "100-1000": 7.0}
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.pop(0)
+
+
+def _row(method, seed, fid, commit, space="inception", **kw):
+    return {"method": method, "variant": kw.get("variant"), "seed": seed, "feature_space": space, "fid": fid,
+            "sfid": fid / 2, "precision": 0.5, "recall": 0.1, "steps": 2000, "n_samples": 2000, "n_ref": 10000,
+            "commit": commit, "dirty": kw.get("dirty", False), "machine": "m", "config_hash": "h"}  # fmt: skip
+
+
+def test_results_merge_render_and_stale(tmp_path):
+    P = _bench_module("protocol")
+    head = P._git("rev-parse", "HEAD")
+    path = tmp_path / "r.json"
+    P.add_rows(path, [_row("xnor", 0, 30.0, head), _row("xnor", 1, 34.0, head), _row("bidm", 0, 20.0, head)])
+    P.add_rows(path, [_row("bidm", 0, 22.0, head), _row("bidm", 1, 24.0, head, dirty=True)])  # replaces seed 0
+    data = P.load_results(path)
+    assert len(data["rows"]) == 4 and data["protocol"]["n_ref"] >= 10000
+    md = P.render_markdown(data)
+    bidm_line = next(line for line in md.splitlines() if line.startswith("| bidm"))
+    assert "23.0 ± 1.4" in bidm_line and "†" in bidm_line  # mean ± sample std; the dirty row marks it stale
+    assert "32.0 ± 2.8" in next(line for line in md.splitlines() if line.startswith("| xnor"))
+    assert "trained from uncommitted code" in md
+    assert P.is_stale(_row("xnor", 0, 1.0, "0" * 40)) == "unknown commit"
+    assert P.is_stale(_row("xnor", 0, 1.0, head)) is None
+    m, s = P.mean_std([1.0])
+    assert m == 1.0 and math.isnan(s)
