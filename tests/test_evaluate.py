@@ -66,6 +66,11 @@ def test_save_grid(tmp_path):
     path = save_grid(noise_images(5, 8, 3), tmp_path / "g.png", nrow=4, scale=2)
     assert Image.open(path).size == (4 * 18 + 2, 2 * 18 + 2)  # 16px tiles + 2px padding
     assert save_grid(noise_images(3, 8, 1), tmp_path / "grey.png", nrow=3).is_file()
+    # by default small images are upscaled (nearest) to >= 64 px cells: 16x16 samples -> 4x
+    path = save_grid(noise_images(2, 16, 3), tmp_path / "auto.png", nrow=2)
+    assert Image.open(path).size == (2 * 66 + 2, 66 + 2)
+    grid = np.asarray(Image.open(path))
+    assert (grid[2:6, 2:6] == grid[2, 2]).all()  # one source pixel -> a 4x4 block
 
 
 # --- Inception ------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 from bidm import features as feat
 from bidm import metrics
 from bidm.errors import BidmError
-from bidm.npz_io import images_to_uint8, load_samples_npz, make_grid
+from bidm.npz_io import images_to_uint8, load_samples_npz, make_grid, readable_scale
 
 FEATURE_SPACES = ("inception", "domain")
 SUMMARY_KEYS = ("fp_size_mib", "size_mib", "size_saving", "fp_flops", "bops", "flops", "ops", "ops_saving")
@@ -270,7 +270,12 @@ def efficiency_figure(rows: list[dict], path: str | Path) -> Path:
             ax.scatter(r[key], r["fid"])
             ax.annotate(r["method"], (r[key], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if points:
-            ax.set_xscale("log")
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+            ax.set_xscale("log")  # labels at 1, 2, 5 x 10^k only: matplotlib's minor labels overlap on short ranges
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             ax.text(0.5, 0.5, "no summary.json efficiency data", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel(xlabel)
@@ -285,7 +290,10 @@ def side_by_side(samples: dict[str, np.ndarray], path: str | Path) -> Path:
     """One row of images per run (label at left); rows match when runs share x_T."""
     from matplotlib.figure import Figure
 
-    strips = {name: make_grid(images, nrow=len(images), padding=1) for name, images in samples.items()}
+    strips = {
+        name: make_grid(images, nrow=len(images), padding=1, scale=readable_scale(images.shape[1]))
+        for name, images in samples.items()
+    }
     h, w = next(iter(strips.values())).shape[:2]
     fig = Figure(figsize=(12.0, 0.3 + len(strips) * max(0.5, 12.0 * h / w)))
     fig.subplots_adjust(hspace=0.05)

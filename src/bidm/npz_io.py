@@ -86,10 +86,21 @@ def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, scale: int = 
     return grid
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8, scale: int = 1) -> Path:
-    """Save uint8 NHWC images as one PNG grid (``nrow`` images per row)."""
+MIN_CELL = 64  # pixels: small images are upscaled (nearest) to at least this, so a grid of 16x16 samples is readable
+
+
+def readable_scale(size: int, min_cell: int = MIN_CELL) -> int:
+    """Nearest-neighbour factor that brings a ``size``-pixel image to at least ``min_cell`` pixels (1 if it is)."""
+    return max(1, -(-min_cell // max(size, 1)))
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8, scale: int | None = None) -> Path:
+    """Save uint8 NHWC images as one PNG grid (``nrow`` images per row); ``scale`` None upscales small images to
+    `MIN_CELL` pixels (nearest neighbour), so every cell can be seen."""
     from PIL import Image
 
+    images = _check_uint8_nhwc(images, "save_grid")
+    scale = readable_scale(images.shape[1]) if scale is None else scale
     grid = make_grid(images, nrow=nrow, scale=scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
