@@ -44,7 +44,7 @@ RESULTS_FILE = P.RESULTS / "ablation_cifar16.json"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", default=str(P.ROOT.parent / "shared/data/cifar10"))
-    p.add_argument("--teacher", default="runs/cifar16_teacher")
+    p.add_argument("--teacher", default="bench/teachers/cifar16", help="teacher run dir (committed)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default=None, help="default: 0,1,2 for vanilla and bidm, 0 for the rest")
     p.add_argument("--out", default="bench/out/quality_v2", help="run directories (shared with bench/quality.py)")

@@ -1,6 +1,7 @@
 """Per-timestep epsilon error of binary students against their FP teacher (bidm.analysis), as one table.
 
-Each student is a trained run directory, or ``init:METHOD[,key=value...]`` for a freshly binarized copy of the
+Each student is a trained run directory (``DIR+alpha0``: a TBS student with its mix switched off), or
+``init:METHOD[,key=value...]`` for a freshly binarized copy of the
 teacher (step 0, the start of QAT; ``key=value`` are config overrides such as ``binarize.options.k_bias=false``).
 
     python bench/diagnose.py --teacher runs/cifar16_teacher runs/v/xnor runs/v/bidm init:xnor init:bidm
@@ -29,6 +30,11 @@ from bidm.train import schedule
 
 
 def build(spec: str, teacher_dir: Path, teacher):
+    if spec.endswith("+alpha0"):  # a trained TBS student sampled with its mix switched off (alpha = 0)
+        model, cfg = load_model(spec[: -len("+alpha0")])
+        with torch.no_grad():
+            model.alpha.zero_()
+        return model, cfg
     if not spec.startswith("init:"):
         return load_model(spec)
     method, *overrides = spec[len("init:") :].split(",")

@@ -1,11 +1,12 @@
 """The CPU-scale quality protocol shared by bench/quality.py and bench/ablation.py, and its committed results.
 
-Protocol v2 (``PROTOCOL``): one FP teacher (configs/cifar16_teacher.yaml, CIFAR-10 at 16x16, seed 0, trained once
-and reused); every student is that teacher binarized and trained with configs/recipes/cpu_cifar16.yaml (the same
-budget, batch, optimizer and lr for every method); seed s sets the student's new parameters, its data order and the
-x_T of its samples. Each model draws ``n_samples`` images with DDIM and is scored with the standard Inception
-network against a fixed random subset of ``n_ref`` CIFAR-10 training images (FID, sFID, precision, recall), plus
-the domain feature space as a secondary column.
+Protocol v2 (``PROTOCOL``): one FP teacher (configs/cifar16_teacher.yaml, CIFAR-10 at 16x16, seed 0, trained
+once; its EMA weights are committed as bench/teachers/cifar16, so every machine scores students of one teacher);
+every student is that teacher binarized and trained with configs/recipes/cpu_cifar16.yaml (the same budget, batch,
+optimizer and lr for every method); seed s sets the student's new parameters, its data order and the x_T of its
+samples. Each model draws ``n_samples`` images with DDIM and is scored with the standard Inception network against
+a fixed random subset of ``n_ref`` CIFAR-10 training images (FID, sFID, precision, recall), plus the domain feature
+space as a secondary column.
 
 Results outlive the machine: each finished model appends its rows to a committed JSON file
 (``{"protocol": {...}, "rows": [...]}``) with the git commit of the code that trained it, whether the tree was

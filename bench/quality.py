@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--data-path", default=str(P.ROOT.parent / "shared/data/cifar10"),
                    help="a .npz of uint8 images or a dir with train.npz (default: shared CIFAR-10)")  # fmt: skip
     p.add_argument("--dataset-name", default=None, help="label of a non-CIFAR dataset (uses data.name=npz)")
-    p.add_argument("--teacher", default="runs/cifar16_teacher", help="teacher run dir (trained here if missing)")
+    p.add_argument("--teacher", default="bench/teachers/cifar16", help="teacher run (committed; else trained)")
     p.add_argument("--methods", default=None, help="comma-separated subset of fp32 + METHODS (default: all)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's per method)")
     p.add_argument("--best-baseline", default="reactnet", help="the baseline that gets 3 seeds")

@@ -31,6 +31,8 @@ DEMO_TEACHER = [
 ]
 DEMO_STUDENT = [
     "binarize.tbs_blocks=4",
+    "binarize.method_options.bidm.shortcut_scale_init=0.0",  # the official CIFAR (DDIM UNet) shortcut: s init 0
+    "binarize.method_options.bidm.shortcut_abs=false",
     "train.batch_size=32",
     "train.lr=5e-4",
     "train.log_every=10",
@@ -49,6 +51,9 @@ def add_parser(sub) -> None:
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0: the tiny CPU models sample far better)")
     p.add_argument("--inception", type=int, default=0, metavar="N",
                    help="also score N samples with the standard Inception network (~0.2 s/image on CPU)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="student seed: new parameters, data order and x_T")
+    p.add_argument("--spread", default=None, help="committed seed-spread file (default bench/results/demo_seeds.json "
+                   "next to the working directory, if present)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra overrides for the teacher and students, e.g. --set train.seed=1")  # fmt: skip
     p.set_defaults(func=main)
@@ -81,30 +86,103 @@ def main(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for i, method in enumerate(methods):
         print(f"[2/5] binarize + train {method} ({i + 1}/{len(methods)}), {args.student_steps} steps")
-        overrides = DEMO_STUDENT + args.overrides + [f"train.steps={args.student_steps}"]
+        overrides = DEMO_STUDENT + args.overrides + [f"train.steps={args.student_steps}", f"train.seed={args.seed}"]
         runs[method] = ensure_student(student_config(teacher_dir, method, out / method, overrides))
     print(f"[3/5] sampling {args.n_samples} images per model from the same x_T")
     spaces = {"domain": args.n_samples}
     if args.inception:
         spaces["inception"] = min(args.inception, args.n_samples)
     for run_dir in runs.values():
-        ensure_samples(run_dir, n=args.n_samples, steps=args.sample_steps, eta=args.eta, clip_x0=True, batch_size=250)
+        seed = 0 if run_dir == teacher_dir else args.seed
+        ensure_samples(
+            run_dir, n=args.n_samples, steps=args.sample_steps, eta=args.eta, clip_x0=True, seed=seed, batch_size=250
+        )
         ensure_summary(run_dir)
     print(f"[4/5] scoring ({', '.join(spaces)}) and writing the report")
     for run_dir in runs.values():
         ensure_metrics(run_dir, teacher_cfg, feature_spaces=spaces)
     report = compare_runs(list(runs.values()), out, labels=list(runs))
-    md = (out / "comparison.md").read_text() + _export_section(runs, methods)
+    spread = load_spread(args.spread, settings(args))
+    ranking = ranking_sentence(report["rows"], spread)
+    md = ranking + "\n\n" + (out / "comparison.md").read_text() + _export_section(runs, methods)
     header = (
         f"# bidm demo: digits 16x16, teacher {args.teacher_steps} steps, every student {args.student_steps} steps "
         f"(batch 32, same data order), {args.n_samples} samples, DDIM {args.sample_steps} steps (eta {args.eta}, "
         "x0 clipped), same x_T\n\n"
     )
     (out / "report.md").write_text(header + md)
-    (out / "report.json").write_text(json.dumps({"rows": report["rows"], "files": report["files"]}, indent=2))
+    (out / "report.json").write_text(
+        json.dumps(
+            {"settings": settings(args), "ranking": ranking, "rows": report["rows"], "files": report["files"]},
+            indent=2,
+        )  # fmt: skip
+    )
     print(header + md)
     print(f"report: {out / 'report.md'}  ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def settings(args) -> dict:
+    """What decides the demo's numbers (a committed seed spread applies only to the same settings)."""
+    return {
+        "teacher_steps": args.teacher_steps,
+        "student_steps": args.student_steps,
+        "n_samples": args.n_samples,
+        "sample_steps": args.sample_steps,
+        "eta": args.eta,
+        "methods": args.methods,
+        "overrides": list(args.overrides),
+        "student": DEMO_STUDENT,
+    }
+
+
+def load_spread(path, current: dict) -> dict | None:
+    """Per-method domain-FID seed spread {method: [fid, ...]} from a `bench/demo_seeds.py` file whose settings
+    equal ``current`` (None when there is no such file or it was measured with other settings)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path) if path else Path("bench/results/demo_seeds.json")
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("settings") != current:
+        return None
+    out: dict = {"file": str(path), "commit": data.get("commit"), "fid": {}}
+    for row in data["rows"]:
+        out["fid"].setdefault(row["method"], []).append(row["fid"])
+    return out
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def ranking_sentence(rows: list[dict], spread: dict | None) -> str:
+    """One sentence: which binary method won (domain FID, lower is better), by how much, against the seed spread."""
+    fids = {r["method"]: r["fid"] for r in rows if r["feature_space"] == "domain" and r["fid"] is not None}
+    binary = sorted((fid, m) for m, fid in fids.items() if m != "fp32")
+    if len(binary) < 2:
+        return "Only one binary method was run: no ranking."
+    (best_fid, best), (second_fid, second) = binary[0], binary[1]
+    text = (
+        f"**{best}** has the best domain FID of the binary students: {best_fid:.2f} against {second_fid:.2f} for "
+        f"{second} ({best_fid - second_fid:+.2f}, ratio {best_fid / second_fid:.2f})"
+    )
+    stds = [_std(spread["fid"].get(m, [])) for m in (best, second)] if spread else []
+    stds = [s for s in stds if s is not None]
+    if not stds:
+        return text + "; no seed spread has been measured for these settings (`python bench/demo_seeds.py`)."
+    sd = max(stds)
+    verdict = "larger than" if second_fid - best_fid > 2 * sd else "within"
+    n = min(len(spread["fid"].get(m, [])) for m in (best, second))
+    return (
+        text + f"; the seed std of this setting is {sd:.2f} ({n} seeds, `{spread['file']}`), so the gap is "
+        f"{verdict} twice the seed spread."
+    )
 
 
 def _export_section(runs: dict, methods: list[str]) -> str:
