@@ -49,7 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="default: 0,1,2 for vanilla and bidm, 0 for the rest")
     p.add_argument("--out", default="bench/out/quality_v2", help="run directories (shared with bench/quality.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--train-only", action="store_true", help="train the variants, score nothing")
     args = p.parse_args(argv)
+    version = P.code_version()  # the code this process runs
     torch.set_num_threads(2)
     teacher_dir, teacher_cfg = P.run_teacher(args.data_path, args.teacher)
     n, n_ref, steps, eta = (P.PROTOCOL[k] for k in ("n_samples", "n_ref", "sample_steps", "eta"))
@@ -63,11 +65,14 @@ def main(argv=None) -> int:
             cfg = P.student(teacher_dir, "bidm", seed, Path(args.out) / f"{name}_s{seed}", args.data_path,
                             [*VARIANTS[variant], *args.overrides])  # fmt: skip
             run_dir, train_s = P.train_student(cfg)
+            if args.train_only:
+                continue
             result = P.evaluate_run(run_dir, teacher_cfg, n=n, n_ref=n_ref, steps=steps, eta=eta, seed=seed)
             label = {"method": "bidm", "variant": variant, "seed": seed, "dataset": "cifar10"}
-            P.add_rows(RESULTS_FILE, P.rows_for(label, run_dir, cfg, result, steps=cfg.train.steps, train_s=train_s))
+            P.add_rows(RESULTS_FILE, P.rows_for(label, run_dir, version, result, train_s=train_s))
             print(f"{variant} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    render_results.main([])
+    if not args.train_only:
+        render_results.main([])
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bidm.config import Config, load_config, to_dict
+from bidm.config import Config, from_dict, load_config, to_dict
 from bidm.pipeline import (
     ensure_metrics,
     ensure_samples,
@@ -38,6 +38,7 @@ from bidm.pipeline import (
     ensure_teacher,
     student_config,
 )
+from bidm.qat import resolve_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -122,13 +123,15 @@ def evaluate_run(run_dir: Path, cfg: Config, *, n: int, n_ref: int, steps: int, 
     return {"metrics": metrics, "summary": summary, "sample_s": t1 - t0, "score_s": time.perf_counter() - t1}
 
 
-def rows_for(label: dict, run_dir: Path, cfg: Config, result: dict, *, steps: int, train_s: float | None):
-    """One row per feature space of a finished model."""
-    version = code_version()
+def rows_for(label: dict, run_dir: Path, version: dict, result: dict, *, train_s: float | None):
+    """One row per feature space of a finished model; ``version`` is `code_version()` taken before it trained."""
+    from bidm import checkpoint
+
+    ck = checkpoint.load(run_dir)  # the config the model was really trained with
     base = {
         **label,
-        "steps": steps,
-        "config_hash": config_hash(cfg),
+        "steps": ck.step,
+        "config_hash": config_hash(from_dict(ck.config)),
         **version,
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
@@ -255,7 +258,18 @@ def run_teacher(data_path: str, teacher_dir: str) -> tuple[Path, Config]:
 
 
 def train_student(cfg: Config) -> tuple[Path, float | None]:
+    """Train (or resume, or reuse) the student of ``cfg``; an existing run must have been trained with the same
+    config (paths aside), so a table never mixes in a model trained otherwise."""
+    from bidm import checkpoint
+
     t0 = time.perf_counter()
-    already = (Path(cfg.out_dir) / "checkpoint.safetensors").is_file()
+    path = Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    if path.is_file():
+        saved = config_hash(from_dict(checkpoint.load(path).config))
+        wanted = config_hash(resolve_recipe(cfg))
+        if saved != wanted:
+            raise SystemExit(f"{path} was trained with another config (hash {saved}, protocol wants {wanted}); "
+                             "move it away to retrain")  # fmt: skip
+    already = path.is_file() and checkpoint.load(path).step >= cfg.train.steps
     run_dir = ensure_student(cfg)
     return run_dir, None if already else time.perf_counter() - t0

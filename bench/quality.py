@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--results", default=str(RESULTS_FILE), help="committed results file")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra student overrides")
     p.add_argument("--render", action="store_true", help="only re-render bench/RESULTS.md")
+    p.add_argument("--train-only", action="store_true", help="train the students, score nothing (run it again)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the CPU)")
     return p.parse_args(argv)
 
@@ -68,23 +69,27 @@ def main(argv=None) -> int:
     methods = args.methods.split(",") if args.methods else ["fp32", *sorted(METHODS)]
     out = Path(args.out)
     n, n_ref, steps, eta = (P.PROTOCOL[k] for k in ("n_samples", "n_ref", "sample_steps", "eta"))
+    version = P.code_version()  # the code this process runs (modules are loaded now)
     for method in methods:
         for seed in [0] if method == "fp32" else seeds_for(method, args):
             t0 = time.perf_counter()
             if method == "fp32":
-                run_dir = P.ensure_teacher(teacher_cfg)
-                cfg, train_s, budget = teacher_cfg, None, teacher_cfg.train.steps
+                run_dir, train_s = P.ensure_teacher(teacher_cfg), None
             else:
                 cfg = P.student(Path(args.teacher), method, seed, out / f"{method}_s{seed}", args.data_path,
                                 [*data_override, *args.overrides])  # fmt: skip
                 run_dir, train_s = P.train_student(cfg)
-                budget = cfg.train.steps
+                if args.train_only:
+                    print(f"{method} seed {seed}: trained ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    continue
             result = P.evaluate_run(run_dir, teacher_cfg, n=n, n_ref=n_ref, steps=steps, eta=eta, seed=seed)
             label = {"method": method, "variant": None, "seed": seed, "dataset": args.dataset_name or "cifar10"}
-            P.add_rows(results, P.rows_for(label, run_dir, cfg, result, steps=budget, train_s=train_s))
+            P.add_rows(results, P.rows_for(label, run_dir, version, result, train_s=train_s))
             inc = next(m for m in result["metrics"]["results"] if m["feature_space"] == "inception")
             print(f"{method} seed {seed}: FID {inc['fid']:.2f} recall {inc['recall']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    if args.train_only:
+        return 0
     if results.resolve() == RESULTS_FILE.resolve():
         render_results.main([])
     else:
