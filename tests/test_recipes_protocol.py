@@ -104,7 +104,8 @@ def _bench_module(name):
 def _row(method, seed, fid, commit, space="inception", **kw):
     return {"method": method, "variant": kw.get("variant"), "seed": seed, "feature_space": space, "fid": fid,
             "sfid": fid / 2, "precision": 0.5, "recall": 0.1, "steps": 2000, "n_samples": 2000, "n_ref": 10000,
-            "commit": commit, "dirty": kw.get("dirty", False), "machine": "m", "config_hash": "h"}  # fmt: skip
+            "commit": commit, "dirty": kw.get("dirty", False), "machine": "m", "config_hash": "h",
+            "epoch": kw.get("epoch", 1)}  # fmt: skip
 
 
 def test_results_merge_render_and_stale(tmp_path):
@@ -120,7 +121,7 @@ def test_results_merge_render_and_stale(tmp_path):
     assert "23.0 ± 1.4" in bidm_line and "†" in bidm_line  # mean ± sample std; the dirty row marks it stale
     assert "32.0 ± 2.8" in next(line for line in md.splitlines() if line.startswith("| xnor"))
     assert "trained from uncommitted code" in md
-    assert P.is_stale(_row("xnor", 0, 1.0, "0" * 40)) == "unknown commit"
-    assert P.is_stale(_row("xnor", 0, 1.0, head)) is None
+    assert P.is_stale(_row("xnor", 0, 1.0, head, epoch=P.CODE_EPOCH - 1)).startswith("code epoch")
+    assert P.is_stale(_row("xnor", 0, 1.0, head, epoch=P.CODE_EPOCH)) is None
     m, s = P.mean_std([1.0])
     assert m == 1.0 and math.isnan(s)
