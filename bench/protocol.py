@@ -89,11 +89,25 @@ def machine() -> str:
 
 
 def config_hash(cfg: Config) -> str:
-    """sha1 of the resolved config without its paths (out_dir, teacher, data path): what decides the model."""
+    """sha1 of what decides the model: the resolved config without its paths (out_dir, teacher, data path), the
+    logging cadence, and the settings the method does not read (TBS fields without TBS, SPD fields without a
+    feature loss, other methods' options)."""
+    from bidm.models import uses_tbs
+
     d = to_dict(cfg)
     d.pop("out_dir", None)
-    d["binarize"].pop("teacher", None)
     d["data"].pop("path", None)
+    for key in ("log_every", "ckpt_every"):
+        d["train"].pop(key, None)
+    b = d["binarize"]
+    b.pop("teacher", None)
+    b["method_options"] = {k: v for k, v in b["method_options"].items() if k == b["method"]}
+    if not uses_tbs(cfg):
+        for key in ("tbs", "tbs_blocks", "tbs_alpha_init", "train_cache", "train_cache_noise"):
+            b.pop(key, None)
+    if b.get("feature_loss") in ("none", "auto") and cfg.binarize.method != "bidm":
+        for key in ("spd_lambda", "spd_p"):
+            b.pop(key, None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
