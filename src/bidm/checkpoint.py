@@ -179,5 +179,6 @@ def load(path: str | Path) -> Checkpoint:
         ) from err
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bidm checkpoint (format={meta.get('format')!r}, want {FORMAT})")
+    ck = Checkpoint(path, tensors, meta)  # malformed metadata is reported before the hash is checked
     integrity.verify(path, tensors, meta)
-    return Checkpoint(path, tensors, meta)
+    return ck

@@ -83,7 +83,7 @@ def check_outputs(
 
     - is one of ``inputs`` (same resolved path, or the same file through a link): never allowed, not even with
       ``force``; an input directory counts for every file under it;
-    - is an existing directory;
+    - is an existing directory, or lies under an existing file;
     - exists and ``force`` is False.
     ``None`` inputs (optional flags not given) are skipped.
     """
@@ -98,6 +98,9 @@ def check_outputs(
                 raise OutputConflict(f"refusing to write {out}: it lies inside the input directory {src}")
         if target.is_dir():
             raise OutputConflict(f"refusing to write {out}: it is a directory (give a file path)")
+        parent = next((p for p in target.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise OutputConflict(f"cannot write {out}: {parent} is a file, not a directory")
         if target.exists() and not force:
             raise OutputConflict(f"{out} exists: pass --force to overwrite it")
 
