@@ -63,6 +63,13 @@ def fixture_dir(tmp_path_factory):
     )
     save_file({"model.w": torch.zeros(1)}, str(root / "badstep.safetensors"),
               metadata={"format": checkpoint.FORMAT, "step": "one", "config": "{}"})  # fmt: skip
+    from bidm import integrity
+
+    cfg = load_config(None, TINY)
+    state = {f"model.{k}": v.clone() for k, v in build_model(cfg).state_dict().items()}
+    state["model.conv_out.bias"].fill_(float("nan"))  # a diverged checkpoint, as bidm < issue 14 could save
+    meta = {"format": checkpoint.FORMAT, "step": "1", "config": json.dumps(to_dict(cfg))}
+    save_file(state, str(root / "nan.safetensors"), metadata=integrity.with_digest(state, meta))
     (root / "demo").mkdir()
     (root / "demo" / "report.md").write_text("# an earlier report\n")
     return root
@@ -100,6 +107,7 @@ CASES = [
     (["sample", "{F}/missing", "--out", "{N}"], "no checkpoint"),
     (["sample", "{F}/badjson.safetensors", "--out", "{N}"], "not valid JSON"),
     (["sample", "{F}/badstep.safetensors", "--out", "{N}"], "'step'"),
+    (["sample", "{F}/nan.safetensors", "--out", "{N}"], "holds NaN/inf"),
     (["sample", "{S}", "--n", "1", "--steps", "1", "--out", "{S}/checkpoint.safetensors"], "cannot write"),
     # summary
     (["summary", "--input-shape", "1,2"], "--input-shape"),
