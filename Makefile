@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bidm demo --out runs/demo
+	$(VENV)/bin/bidm demo --out runs/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -2,46 +2,35 @@
 
 Stored tensors: ``model.<name>`` (raw weights), ``ema.<name>`` (EMA weights), ``optim.<i>.<key>`` (optimizer state
 per parameter index). Metadata (strings): ``format``, ``step``, ``config`` (the resolved config as JSON) and
-``optim_groups`` (the optimizer's param groups as JSON). Nothing is unpickled on load.
+``optim_groups`` (the optimizer's param groups as JSON) and ``sha256`` (`bidm.integrity`: checked on load). Nothing
+is unpickled on load, and malformed metadata or foreign tensor names are a `CheckpointError`, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bidm import integrity
 from bidm.errors import CheckpointError
+from bidm.fileio import atomic_write
 
 FORMAT = "bidm-checkpoint-v1"
 CKPT_NAME = "checkpoint.safetensors"
+GROUPS = ("model", "ema", "optim")  # the tensor name prefixes of a checkpoint
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        Path(tmp).write_text(text)
-
-    _atomic(Path(path), write)
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an inf, or None."""
+    for name, value in tensors.items():
+        if value.dtype.is_floating_point or value.dtype.is_complex:
+            if not bool(torch.isfinite(value).all()):
+                return name
+    return None
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -53,12 +42,46 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:
     return tensors, json.dumps(state_dict["param_groups"])
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups_json: str) -> dict:
+def _unflatten_optimizer(path: Path, tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    """The optimizer state dict from ``<index>.<key>`` tensors and the param groups; malformed is an error."""
     state: dict[int, dict] = {}
     for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
+        index, _, key = name.partition(".")
+        if not index.isdigit() or not key:
+            raise CheckpointError(f"{path}: malformed optimizer tensor name 'optim.{name}' (expected optim.<i>.<key>)")
         state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": json.loads(groups_json)}
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise CheckpointError(f"{path}: malformed optimizer param groups in the metadata")
+    return {"state": state, "param_groups": groups}
+
+
+def _meta_json(path: Path, meta: dict[str, str], key: str, kind: type):
+    """A JSON metadata field of type ``kind``; missing or malformed is a `CheckpointError`."""
+    if key not in meta:
+        raise CheckpointError(f"{path}: the checkpoint metadata has no {key!r} field")
+    try:
+        value = json.loads(meta[key])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: the {key!r} metadata is not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(
+            f"{path}: the {key!r} metadata must be a JSON {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _meta_step(path: Path, meta: dict[str, str]) -> int:
+    """The ``step`` field: a non-negative integer."""
+    raw = meta.get("step")
+    if raw is None:
+        raise CheckpointError(f"{path}: the checkpoint metadata has no 'step' field")
+    try:
+        step = int(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: the 'step' metadata must be a non-negative integer, got {raw!r}") from None
+    if step < 0:
+        raise CheckpointError(f"{path}: the 'step' metadata must be a non-negative integer, got {raw!r}")
+    return step
 
 
 def save(
@@ -71,8 +94,19 @@ def save(
     optimizer: dict | None = None,
     extra_meta: dict[str, str] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically; the previous file stays intact until the new one is complete."""
+    """Write a checkpoint atomically; the previous file stays intact until the new one is complete.
+
+    Refuses (`CheckpointError`, nothing written) when a weight or EMA tensor is NaN or inf: a diverged model must
+    never replace the last good checkpoint. The metadata gets the content hash of `bidm.integrity`.
+    """
     path = Path(path)
+    for group, state in (("model", model), ("ema", ema or {})):
+        bad = first_nonfinite(state)
+        if bad is not None:
+            raise CheckpointError(
+                f"not saving step {step} to {path}: {group} tensor {bad!r} holds NaN/inf (the weights diverged); "
+                "the previous checkpoint is kept"
+            )
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.items()})
@@ -88,7 +122,8 @@ def save(
         if ptr in seen and ptr != -1:
             tensors[key] = value.clone()
         seen[ptr] = key
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    meta = integrity.with_digest(tensors, meta)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -97,20 +132,23 @@ class Checkpoint:
 
     def __init__(self, path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]):
         self.path = path
-        self.step = int(meta["step"])
-        self.config = json.loads(meta["config"])
+        self.step = _meta_step(path, meta)
+        self.config = _meta_json(path, meta, "config", dict)
         self.meta = meta
-        groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
+        groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
         for name, value in tensors.items():
-            prefix, rest = name.split(".", 1)
+            prefix, _, rest = name.partition(".")
+            if prefix not in groups or not rest:
+                raise CheckpointError(
+                    f"{path}: unexpected tensor {name!r} (a bidm checkpoint holds only {', '.join(GROUPS)}.* "
+                    "tensors); the file is not one bidm wrote"
+                )
             groups[prefix][rest] = value
         self.model = groups["model"]
         self.ema = groups["ema"] or None
-        self.optimizer = (
-            _unflatten_optimizer({f"optim.{k}": v for k, v in groups["optim"].items()}, meta["optim_groups"])
-            if "optim_groups" in meta
-            else None
-        )
+        self.optimizer = None
+        if "optim_groups" in meta:
+            self.optimizer = _unflatten_optimizer(path, groups["optim"], _meta_json(path, meta, "optim_groups", list))
 
     def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
         return self.ema if use_ema and self.ema else self.model
@@ -129,8 +167,9 @@ def load(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (expected a run directory holding {CKPT_NAME}, or the file)")
     try:
-        tensors = load_file(path)
         from safetensors import safe_open
+
+        tensors = load_file(path)
 
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -140,4 +179,6 @@ def load(path: str | Path) -> Checkpoint:
         ) from err
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bidm checkpoint (format={meta.get('format')!r}, want {FORMAT})")
-    return Checkpoint(path, tensors, meta)
+    ck = Checkpoint(path, tensors, meta)  # malformed metadata is reported before the hash is checked
+    integrity.verify(path, tensors, meta)
+    return ck

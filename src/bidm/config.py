@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from bidm.errors import ConfigError
+from bidm.fields import check, choice, num
 from bidm.unet import UNetConfig
 
 
@@ -23,34 +24,34 @@ class DataConfig:
     name: str = "digits"  # digits | cifar10 | npz | folder
     path: str | None = None  # cifar10 / npz: a .npz or a directory with {split}.npz; folder: an image dir
     split: str = "train"
-    size: int = 16  # images are resized to size x size
-    channels: int = 1  # digits only: 1 or 3
-    limit: int | None = None  # keep the first N images (after a seeded shuffle)
+    size: int = num(16, gt=0)  # images are resized to size x size
+    channels: int = num(1, gt=0)  # digits only: 1 or 3
+    limit: int | None = num(None, gt=0)  # keep the first N images (after a seeded shuffle)
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"  # linear (DDPM/DDIM) | sqrt_linear (LDM)
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    schedule: str = choice("linear", ("linear", "sqrt_linear"))  # linear (DDPM/DDIM) | sqrt_linear (LDM)
+    num_timesteps: int = num(1000, gt=0)
+    beta_start: float = num(1e-4, gt=0, lt=1)
+    beta_end: float = num(0.02, gt=0, lt=1)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-4
-    optimizer: str = "adam"  # adam (DDIM CIFAR recipe) | adamw (LDM recipe, weight decay 0.01)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    loss_reduction: str = "mean"  # mean (LDM) | sum (DDIM repo / BiDM CIFAR code: sum over pixels)
-    loss_kind: str = "l2"  # l2 | l1 (LSUN-Churches)
-    log_every: int = 25
-    ckpt_every: int = 500
-    mixed_precision: str = "no"  # passed to accelerate: no | fp16 | bf16
+    steps: int = num(2000, gt=0)
+    batch_size: int = num(64, gt=0)
+    lr: float = num(2e-4, gt=0)
+    optimizer: str = choice("adam", ("adam", "adamw"))  # adam (DDIM CIFAR recipe) | adamw (LDM, weight decay 0.01)
+    weight_decay: float = num(0.0, ge=0)
+    grad_clip: float = num(1.0, ge=0)  # 0 = off
+    ema_decay: float = num(0.999, ge=0, lt=1)
+    seed: int = num(0, ge=0)
+    loss_reduction: str = choice("mean", ("mean", "sum"))  # mean (LDM) | sum (DDIM repo / BiDM CIFAR code)
+    loss_kind: str = choice("l2", ("l2", "l1"))  # l2 | l1 (LSUN-Churches)
+    log_every: int = num(25, gt=0)
+    ckpt_every: int = num(500, gt=0)
+    mixed_precision: str = choice("no", ("no", "fp16", "bf16"))  # passed to accelerate
 
 
 @dataclass
@@ -63,26 +64,28 @@ class BinarizeConfig:
     teacher: str | None = None  # FP teacher: a bidm run dir / checkpoint, an official .ckpt, or a diffusers dir
     # TBS cross-timestep connection (BiDM only by default; see bidm.tbs)
     tbs: bool = True
-    tbs_blocks: int = 8  # the last n output blocks are mixed (paper: 8; 0 = off)
+    tbs_blocks: int = num(8, ge=0)  # the last n output blocks are mixed (paper: 8; 0 = off)
     tbs_alpha_init: float = 0.3  # paper 0.3; official CIFAR code 0.0
     train_cache: str = "t+1"  # t+1 (official) | t+K | sampler (cache from t + T/steps, matches sampling)
     train_cache_noise: str = "same"  # same (official; eta=0 joint) | forward (x_t' ~ q(x_t'|x_t); eta=1 joint)
     # distillation
     feature_loss: str = "auto"  # spd | l2 | none | auto (= spd for bidm, none for the baselines; bidm.qat)
-    spd_lambda: float = 1e-2  # code & paper App. A (LDM); paper CIFAR 3e-2; paper text "4"
-    spd_p: int = 4
-    output_kd: float | None = None  # MSE to the teacher's eps; None = the method's recipe (bidm.qat.RECIPES)
+    spd_lambda: float = num(1e-2, ge=0)  # code & paper App. A (LDM); paper CIFAR 3e-2; paper text "4"
+    spd_p: int = num(4, gt=0)
+    output_kd: float | None = num(
+        None, ge=0
+    )  # MSE to the teacher's eps; None = the method's recipe (bidm.qat.RECIPES)
     antithetic: bool = False  # CIFAR code draws half t and half T-1-t
 
 
 @dataclass
 class SampleConfig:
-    n: int = 64
-    batch_size: int = 64
-    steps: int = 100
-    eta: float = 0.0
-    skip: str = "uniform"
-    seed: int = 0
+    n: int = num(64, gt=0)
+    batch_size: int = num(64, gt=0)
+    steps: int = num(100, gt=0)
+    eta: float = num(0.0, ge=0)
+    skip: str = choice("uniform", ("uniform", "quad"))
+    seed: int = num(0, ge=0)
     use_ema: bool = True
     clip_x0: bool = False  # clamp each DDIM x0 prediction to [-1, 1] (not in DDIM/LDM; helps small CPU-scale models)
 
@@ -135,7 +138,8 @@ def _build(cls: type, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; valid: {sorted(names)}")
@@ -145,8 +149,16 @@ def _build(cls: type, values: dict, where: str):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{where}{name}.")
         else:
-            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+            kwargs[name] = check(f"{where}{name}", _coerce(value, hint, f"{where}{name}"), fields[name].metadata)
     return cls(**kwargs)
+
+
+def updated(section, where: str, **values):
+    """A copy of the config ``section`` (e.g. ``cfg.sample``) with the non-None ``values`` coerced and checked as
+    if they came from the config, so a command's flags obey the same ranges as its YAML keys."""
+    given = {k: v for k, v in values.items() if v is not None}
+    built = _build(type(section), given, f"{where}.")
+    return dataclasses.replace(section, **{k: getattr(built, k) for k in given})
 
 
 OPAQUE = ("options", "diffusers_config")  # a mapping given for these replaces the old one as a whole
@@ -212,6 +224,6 @@ def from_dict(values: dict) -> Config:
 
 
 def save_yaml(cfg, path: str | Path) -> None:
-    from bidm.checkpoint import atomic_write_text
+    from bidm.fileio import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

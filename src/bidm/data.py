@@ -1,8 +1,9 @@
 """Datasets: one builder per dataset, each returning (images float32 NCHW in [-1, 1], labels int64 or None).
 
 ``digits``   scikit-learn's bundled 8x8 handwritten digits (1797 images, offline), resized; the built-in default.
-``cifar10``  the official python-pickle directory (``cifar-10-batches-py``) or an ``.npz`` with ``images`` uint8
-             [N,32,32,3] and ``labels`` (the format of shared/data/cifar10), optionally resized (16 for CPU runs).
+``cifar10``  the official python-pickle directory (``cifar-10-batches-py``, read by `read_cifar_batch`, which runs
+             no pickled code) or an ``.npz`` with ``images`` uint8 [N,32,32,3] and ``labels`` (the format of
+             shared/data/cifar10), optionally resized (16 for CPU runs).
 ``npz``      any ``.npz`` of uint8 ``images`` [N,H,W,C] (C = 1 or 3; optional ``labels``): a file, or a directory
              holding ``{split}.npz``; optionally resized. The same benchmark protocol runs on any such dataset.
 ``folder``   any image folder (LSUN/FFHQ style), center-cropped and resized.
@@ -10,6 +11,8 @@
 
 from __future__ import annotations
 
+import importlib
+import io
 import pickle
 import tarfile
 import urllib.request
@@ -45,6 +48,60 @@ def load_digits(size: int = 16, channels: int = 1, **_) -> tuple[torch.Tensor, t
     return x, torch.from_numpy(bunch.target).long()
 
 
+def _numpy_global(module: str, name: str):
+    """``numpy._core.<module>.<name>`` (numpy 2) or ``numpy.core.<module>.<name>`` (numpy 1), without the
+    deprecated ``numpy.core`` shim."""
+    for prefix in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{prefix}.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {module}.{name}")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """A pickle reader that can rebuild only what the official CIFAR-10 python batches hold: a dict of str/bytes
+    keys, lists of ints and bytes, and uint8 numpy arrays. Every other global a pickle names (``os.system``,
+    ``builtins.eval``, any class) is refused before it is looked up, so a crafted batch cannot run code."""
+
+    NUMPY = {("multiarray", "_reconstruct"), ("numeric", "_frombuffer")}  # array rebuilders of protocols 2-5
+    BUILTINS = {"dict", "list", "str", "bytes", "int", "tuple", "bytearray"}
+
+    def find_class(self, module: str, name: str):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                      "numpy._core.numeric") and (module.rsplit(".", 1)[1], name) in self.NUMPY:  # fmt: skip
+            return _numpy_global(module.rsplit(".", 1)[1], name)
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if module in ("builtins", "__builtin__") and name in self.BUILTINS:
+            return getattr(__import__("builtins"), name)
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes
+            import _codecs
+
+            return _codecs.encode
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+
+
+def read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N,32,32,3], int64 labels [N]) from one official CIFAR-10 python batch, via `CifarUnpickler`;
+    anything else (other globals, object arrays, missing keys, wrong shapes) is a `DataError`."""
+    try:
+        with open(file, "rb") as fh:
+            batch = CifarUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise DataError(f"{file} is not an official CIFAR-10 python batch: {err}") from None
+    if isinstance(batch, dict):
+        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise DataError(f"{file} is not a CIFAR-10 batch: expected a dict with 'data' and 'labels'")
+    data, labels = batch["data"], batch["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{file}: 'data' must be a uint8 array [N, 3072], got {getattr(data, 'dtype', type(data))}")
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(isinstance(v, int) for v in labels):
+        raise DataError(f"{file}: 'labels' must be a list of {len(data)} integers")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(labels, dtype=np.int64)
+
+
 def _read_cifar_pickles(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
@@ -52,11 +109,9 @@ def _read_cifar_pickles(directory: Path, split: str) -> tuple[np.ndarray, np.nda
         file = directory / name
         if not file.is_file():
             raise DataError(f"CIFAR-10 batch {file} missing; expected the extracted cifar-10-batches-py directory")
-        with open(file, "rb") as fh:
-            # The official archive is a pickle of numpy arrays; read only from a directory the user points to.
-            batch = pickle.load(fh, encoding="latin1")  # noqa: S301
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        x, y = read_cifar_batch(file)
+        images.append(x)
+        labels.append(y)
     return np.concatenate(images), np.concatenate(labels)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from bidm import features as feat
 from bidm import metrics
 from bidm.errors import BidmError
+from bidm.fileio import atomic_write, atomic_write_text
 from bidm.npz_io import images_to_uint8, load_samples_npz, make_grid, readable_scale
 
 FEATURE_SPACES = ("inception", "domain")
@@ -33,16 +34,49 @@ DATASET_NOTES = {
 }
 
 
-def _load_dataset(name: str, *, path: str | None, split: str, size: int, channels: int):
-    """``bidm.data.load_dataset`` at the samples' resolution; returns (float [-1, 1] NCHW, labels or None)."""
+MIN_IMAGES = 2  # FID needs a covariance; precision/recall need more than k images (checked with k)
+# Datasets without one stored resolution and the size their reference is taken at by default: digits are 8x8
+# originals that every bidm run upsamples (data.size, default 16); folder images are cropped and resized anyway.
+DEFAULT_REF_SIZE = {"digits": 16, "folder": None}
+
+
+def run_data_size(samples_npz: str | Path, dataset: str) -> int | None:
+    """``data.size`` of the run whose directory holds ``samples_npz`` (its ``config.yaml``), when it trained on
+    ``dataset``: the resolution its reference must be compared at. None when there is no such run config."""
+    import yaml
+
+    file = Path(samples_npz).parent / "config.yaml"
+    try:
+        data = (yaml.safe_load(file.read_text()) or {}).get("data") or {}
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    size = data.get("size") if data.get("name") == dataset else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _load_dataset(name: str, *, path: str | None, split: str, size: int, channels: int, ref_size: int | None):
+    """``bidm.data.load_dataset`` at the reference resolution; returns (float [-1, 1] NCHW, labels or None).
+
+    The reference resolution is ``ref_size`` (the ``data.size`` the model was trained at) when given, else the
+    dataset's own (a CIFAR-10 / npz file's stored size; `DEFAULT_REF_SIZE` for digits; folder images follow the
+    samples). Samples of another resolution are refused: silently rescaling the reference to them gives a score
+    for a different task (32x32 samples scored against 16x16 digits read as a near-perfect FID).
+    """
     from bidm.data import load_dataset
 
-    images, labels = load_dataset(name, path=path, split=split, size=size, channels=channels)
-    if images.shape[1] != channels or images.shape[-1] != size:
+    target = ref_size or DEFAULT_REF_SIZE.get(name)
+    if name == "folder" and not ref_size:
+        target = size
+    images, labels = load_dataset(name, path=path, split=split, size=target, channels=channels)
+    res = images.shape[-1]
+    if res != size:
         raise BidmError(
-            f"samples are {size}x{size}x{channels} but dataset {name!r} loads as "
-            f"{images.shape[-1]}x{images.shape[-1]}x{images.shape[1]}"
+            f"samples are {size}x{size} but the {name!r} reference is {res}x{res}: refusing to rescale the reference "
+            f"to the samples (the score would not be comparable); pass --ref-size {size} only if the model was "
+            f"trained on {name} resized to {size}x{size} (data.size={size})"
         )
+    if images.shape[1] != channels:
+        raise BidmError(f"samples have {channels} channel(s) but dataset {name!r} loads with {images.shape[1]}")
     return images, labels
 
 
@@ -117,6 +151,7 @@ def evaluate_samples(
     n_ref: int | None = None,
     split: str = "train",
     data_path: str | None = None,
+    ref_size: int | None = None,
     cache_dir: str | Path | None = None,
     inception: str | Path | None = None,
     is_weights: str | Path | None = None,
@@ -131,7 +166,9 @@ def evaluate_samples(
     """FID, sFID, IS, precision and recall of the first ``n`` samples in ``samples_npz`` against a reference.
 
     The reference is ``ref`` (an ADM-style ``.npz``) if given, else ``dataset``'s ``split`` loaded at the samples'
-    resolution; ``n_ref`` takes a fixed random subset of it. Reference features are cached in
+    resolution (``ref_size``: the model's training ``data.size``, by default read from the ``config.yaml`` next to
+    the samples; another resolution than the samples' is an error, see `_load_dataset`); ``n_ref`` takes a fixed
+    random subset of it. Reference features are cached in
     ``cache_dir/ref_stats``. In the ``domain`` space the classifier is trained (once, cached) on ``dataset``'s
     ``split``; sFID is null there. IS in the ``inception`` space needs ``is_weights`` and is null otherwise.
     """
@@ -142,15 +179,18 @@ def evaluate_samples(
     timings = {}
     start = time.perf_counter()
     samples = load_samples_npz(samples_npz, n=n)
+    _check_count("samples", samples_npz, len(samples), k)
     size, channels = samples.shape[1], samples.shape[3]
     if samples.shape[1] != samples.shape[2]:
         raise BidmError(f"expected square samples, got {samples.shape[1]}x{samples.shape[2]}")
     data = None  # the dataset is needed for the reference images and/or to train the domain classifier
     if ref is None or feature_space == "domain":
-        data = _load_dataset(dataset, path=data_path, split=split, size=size, channels=channels)
+        ref_size = ref_size or run_data_size(samples_npz, dataset)
+        data = _load_dataset(dataset, path=data_path, split=split, size=size, channels=channels, ref_size=ref_size)
     ref_images, ref_name, ref_desc = _reference(
         ref, data, dataset=dataset, split=split, n_ref=n_ref, shape=samples.shape[1:]
     )
+    _check_count("reference images", ref or dataset, len(ref_images), k)
     extractor = _extractor(
         feature_space, data, dataset=dataset, cache_dir=cache_dir, device=device, inception=inception,
         is_weights=is_weights, resize=resize, classifier_kwargs=classifier_kwargs, progress=progress,
@@ -189,6 +229,15 @@ def evaluate_samples(
     }
 
 
+def _check_count(what: str, source, n: int, k: int) -> None:
+    """FID needs >= 2 images (a covariance) and precision/recall > k (each image's k-th neighbour)."""
+    need = max(MIN_IMAGES, k + 1)
+    if n < need:
+        raise BidmError(
+            f"{source}: {n} {what}, but scoring needs at least {need} (FID: 2; precision/recall: k+1={k + 1})"
+        )
+
+
 def write_metrics(results: list[dict], out_dir: str | Path, label: str | None = None) -> Path:
     """Write ``metrics.json``: the first result's keys at top level, every result under ``by_space``."""
     if not results:
@@ -196,10 +245,7 @@ def write_metrics(results: list[dict], out_dir: str | Path, label: str | None = 
     out = {**results[0], "by_space": {r["feature_space"]: r for r in results}}
     if label:
         out["label"] = label
-    path = Path(out_dir) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    return path
+    return atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(out, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,7 +253,16 @@ def write_metrics(results: list[dict], out_dir: str | Path, label: str | None = 
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A JSON object from ``path``, None when the file does not exist; malformed is a `BidmError`."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BidmError(f"{path} is not valid JSON ({err}); rerun the command that wrote it") from None
+    if not isinstance(value, dict):
+        raise BidmError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def load_run_rows(run_dir: str | Path, label: str | None = None) -> list[dict]:
@@ -281,9 +336,7 @@ def efficiency_figure(rows: list[dict], path: str | Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"FID ({space} features)")
         ax.grid(True, which="both", alpha=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def side_by_side(samples: dict[str, np.ndarray], path: str | Path) -> Path:
@@ -303,8 +356,7 @@ def side_by_side(samples: dict[str, np.ndarray], path: str | Path) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return Path(path)
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
 
 
 def compare_runs(
@@ -323,12 +375,16 @@ def compare_runs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "json": out_dir / "comparison.json"}
-    files["md"].write_text(markdown_table(rows))
-    files["json"].write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    with open(files["csv"], "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(files["md"], markdown_table(rows))
+    atomic_write_text(files["json"], json.dumps({"rows": rows}, indent=2) + "\n")
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(files["csv"], write_csv)
     files["figure"] = efficiency_figure(rows, out_dir / "comparison.png")
 
     grids = {}

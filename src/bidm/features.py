@@ -329,10 +329,9 @@ def load_or_train_domain_classifier(
         return model.eval(), {**info, "file": str(file), "cached": True}
     model, info = train_domain_classifier(images, labels, progress=progress, **train_kwargs)
     info["dataset"], info["fingerprint"] = dataset, digest
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    save_file(model.state_dict(), str(tmp), metadata={"info": json.dumps(info)})
-    os.replace(tmp, file)
+    from bidm.fileio import atomic_write
+
+    atomic_write(file, lambda tmp: save_file(model.state_dict(), tmp, metadata={"info": json.dumps(info)}))
     return model, {**info, "file": str(file), "cached": False}
 
 
@@ -409,7 +408,7 @@ def reference_features(
     folder = Path(cache_dir or default_cache_dir()) / "ref_stats"
     file = folder / f"{dataset}-{split}-{size}px-{extractor.id}-n{n}-{digest}.npz"
     if file.is_file():
-        with np.load(file) as z:
+        with np.load(file, allow_pickle=False) as z:
             return {key: z[key] for key in z.files}
     from bidm.metrics import feature_stats
 
@@ -418,8 +417,11 @@ def reference_features(
     out["mu"], out["sigma"] = feature_stats(feats["pool"])
     if "spatial" in feats:
         out["mu_s"], out["sigma_s"] = feature_stats(feats["spatial"])
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, file)
+    from bidm.fileio import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **out)
+
+    atomic_write(file, write)
     return out

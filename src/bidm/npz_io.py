@@ -6,13 +6,13 @@ OpenAI's guided-diffusion ``evaluations/evaluator.py`` reads, so our numbers can
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bidm.errors import BidmError
+from bidm.fileio import atomic_write
 
 
 def images_to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -42,12 +42,12 @@ def _check_uint8_nhwc(images: np.ndarray, where: str) -> np.ndarray:
 def save_samples_npz(path: str | Path, images: np.ndarray, **extra: np.ndarray) -> Path:
     """Write uint8 NHWC ``images`` as ``arr_0`` (plus any ``extra`` arrays, e.g. labels) atomically."""
     images = _check_uint8_nhwc(images, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz to names without it
-    np.savez(tmp, arr_0=images, **extra)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to the temp name
+            np.savez(fh, arr_0=images, **extra)
+
+    return atomic_write(Path(path), write)
 
 
 def load_samples_npz(path: str | Path, n: int | None = None, key: str = "arr_0") -> np.ndarray:
@@ -102,7 +102,5 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8, scale: int | 
     images = _check_uint8_nhwc(images, "save_grid")
     scale = readable_scale(images.shape[1]) if scale is None else scale
     grid = make_grid(images, nrow=nrow, scale=scale)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-    return path
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))

@@ -7,10 +7,24 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bidm.config import Config
+from bidm.config import Config, updated
 from bidm.diffusion import ddim_sample, initial_noise
+from bidm.errors import BidmError
 from bidm.npz_io import images_to_uint8
 from bidm.train import schedule
+
+
+class NonFiniteSamples(BidmError):
+    """The model produced NaN or inf: its weights diverged, the samples would be meaningless."""
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """Refuse to sample a model whose weights or buffers hold NaN/inf (a diverged checkpoint)."""
+    from bidm.checkpoint import first_nonfinite
+
+    bad = first_nonfinite(dict(model.state_dict()))
+    if bad is not None:
+        raise NonFiniteSamples(f"the model's tensor {bad!r} holds NaN/inf (diverged weights): refusing to sample it")
 
 
 @torch.no_grad()
@@ -28,13 +42,16 @@ def generate(
     progress: bool = True,
 ) -> np.ndarray:
     """``n`` images as uint8 NHWC. Image i always starts from the same x_T for a seed (`initial_noise`), so every
-    model sampled with the same seed is compared from the same noise. Unset arguments come from ``cfg.sample``."""
-    s = cfg.sample
-    n, batch_size = n or s.n, batch_size or s.batch_size
-    steps, skip = steps or s.steps, skip or s.skip
-    eta = s.eta if eta is None else eta
-    seed = s.seed if seed is None else seed
-    clip_x0 = s.clip_x0 if clip_x0 is None else clip_x0
+    model sampled with the same seed is compared from the same noise. Unset (None) arguments come from
+    ``cfg.sample``; given ones are checked against its ranges (``n=0`` is an error, not "the default").
+
+    Raises `NonFiniteSamples` when the weights or any generated image hold NaN/inf, instead of writing them as
+    black or white images.
+    """
+    s = updated(cfg.sample, "sample", n=n, batch_size=batch_size, steps=steps, eta=eta, skip=skip, seed=seed,
+                clip_x0=clip_x0)  # fmt: skip
+    n, batch_size, steps, skip, eta, seed, clip_x0 = s.n, s.batch_size, s.steps, s.skip, s.eta, s.seed, s.clip_x0
+    check_finite_model(model)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     device = next(model.parameters()).device
     acp = schedule(cfg).to(device)
@@ -53,5 +70,11 @@ def generate(
             generator=generator,
             clip_x0=clip_x0,
         )
+        bad = int((~torch.isfinite(x0)).sum())
+        if bad:
+            raise NonFiniteSamples(
+                f"sampling produced {bad} NaN/inf values in images {start}..{start + len(x0) - 1} (the model "
+                "diverged or overflows); no samples written"
+            )
         out.append(images_to_uint8(x0))
     return np.concatenate(out)

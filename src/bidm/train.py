@@ -2,13 +2,17 @@
 
 The loop knows nothing about binarization: it calls an *objective* ``objective(model, x0, generator) -> (loss,
 logs)``, steps Adam/AdamW with gradient clipping, updates an EMA, logs (tqdm, TensorBoard, ``log.jsonl``) and
-checkpoints atomically. Exact resume: every random draw of step k comes from generators seeded by (seed, step), and
-the data order of epoch e from (seed, e), so a run killed and resumed from its last checkpoint ends bit-identical
-(on CPU) to an uninterrupted one; nothing but weights, EMA, optimizer state and the step needs saving.
+checkpoints atomically. A run directory is locked while a run writes it (`bidm.lock`); a resumed run checks the new
+config against the stored one (`bidm.resume`) and drops ``log.jsonl`` entries past the checkpoint. Exact resume:
+every random draw of step k comes from generators seeded by (seed, step), and the data order of epoch e from
+(seed, e), so a run killed and resumed from its last checkpoint ends bit-identical (on CPU) to an uninterrupted
+one; nothing but weights, EMA, optimizer state and the step needs saving. Weights or EMA holding NaN/inf are never
+saved (`TrainingDiverged`; the last good checkpoint stays).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -19,9 +23,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from bidm import checkpoint
-from bidm.config import Config, save_yaml, to_dict
+from bidm.config import Config, from_dict, save_yaml, to_dict
 from bidm.diffusion import alphas_cumprod, eps_loss, make_betas, q_sample
-from bidm.errors import BidmError, ConfigError, TrainingDiverged
+from bidm.errors import BidmError, CheckpointError, ConfigError, TrainingDiverged
+from bidm.fileio import atomic_write_text
 
 
 class EpsObjective(nn.Module):
@@ -94,6 +99,43 @@ class BatchOrder:
         return self._perm[k * self.batch_size : (k + 1) * self.batch_size]
 
 
+def trim_log(text: str, step: int) -> str:
+    """The ``log.jsonl`` lines up to and including ``step`` (entries a resumed run would repeat are dropped, as is
+    a line cut short by a kill)."""
+    kept = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+            kept.append(line + "\n")
+    return "".join(kept)
+
+
+def _restore(ck, cfg: Config, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Load a checkpoint into the run after checking the config change (`bidm.resume`); returns the notes."""
+    from bidm.resume import check_resume
+    from bidm.unet import load_state_dict_reporting
+
+    notes = check_resume(to_dict(from_dict(ck.config)), to_dict(cfg), source=str(ck.path))
+    if ck.optimizer is None:
+        raise CheckpointError(f"{ck.path} holds no optimizer state, so it cannot be resumed exactly")
+    load_state_dict_reporting(model, ck.model, source=str(ck.path))
+    ema_state = ck.weights(use_ema=True)
+    if set(ema_state) != set(ema.shadow):
+        raise CheckpointError(f"{ck.path}: its EMA tensors do not match the model's state dict")
+    ema.shadow = {k: v.clone() for k, v in ema_state.items()}
+    fresh = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ck.optimizer)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{ck.path}: its optimizer state does not fit the model ({err})") from None
+    for group, values in zip(optimizer.param_groups, fresh):  # the config's lr / weight decay, not the stored ones
+        group.update(values)
+    return notes
+
+
 def run(
     cfg: Config,
     model: nn.Module,
@@ -104,30 +146,53 @@ def run(
     resume: bool = False,
     extra_meta: dict[str, str] | None = None,
 ) -> Path:
-    """Train ``model`` on ``images`` (float [N,C,H,W] in [-1, 1]) and return the checkpoint path."""
-    t = cfg.train
+    """Train ``model`` on ``images`` (float [N,C,H,W] in [-1, 1]) and return the checkpoint path.
+
+    The main process holds `bidm.lock.RunLock` on ``out_dir`` for the whole run.
+    """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / checkpoint.CKPT_NAME
     if ckpt_path.exists() and not resume:
         raise BidmError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output directory")
-    torch.manual_seed(t.seed)
+    torch.manual_seed(cfg.train.seed)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=t.mixed_precision,
+        mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard",
         project_dir=str(out_dir),
     )
+    from bidm.lock import RunLock
+
+    with RunLock(out_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _run_locked(cfg, model, objective, images, accelerator, out_dir, resume, extra_meta)
+
+
+def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resume: bool, extra_meta) -> Path:
+    t = cfg.train
+    ckpt_path = out_dir / checkpoint.CKPT_NAME
+    if ckpt_path.exists() and not resume:  # again, under the lock: another run may have written it meanwhile
+        raise BidmError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output directory")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     ema = EMA(model, t.ema_decay)
     start = 0
     if resume and ckpt_path.exists():
         ck = checkpoint.load(ckpt_path)
-        model.load_state_dict(ck.model)
-        ema.shadow = {k: v.clone() for k, v in ck.weights(use_ema=True).items()}
-        optimizer.load_state_dict(ck.optimizer)
+        notes = _restore(ck, cfg, model, ema, optimizer)
         start = ema.num_updates = ck.step
+        if start > t.steps:
+            raise ConfigError(
+                f"{ckpt_path} is at step {start}, past train.steps={t.steps}: raise train.steps to go on"
+            )
         accelerator.print(f"resumed {ckpt_path} at step {start}")
+        for note in notes:
+            accelerator.print(f"  resume: {note}")
+    log_path = out_dir / "log.jsonl"
+    if accelerator.is_main_process and log_path.exists():
+        text = log_path.read_text(errors="replace")
+        kept = trim_log(text, start)
+        if kept != text:
+            atomic_write_text(log_path, kept)
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = objective.to(accelerator.device)
     raw_model = accelerator.unwrap_model(model)
@@ -138,6 +203,12 @@ def run(
     order = BatchOrder(len(images), t.batch_size, t.seed)
 
     def save(step: int) -> None:
+        bad = checkpoint.first_nonfinite(raw_model.state_dict()) or checkpoint.first_nonfinite(ema.shadow)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"tensor {bad!r} holds NaN/inf after step {step} (the weights diverged); not saved. The last good "
+                f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower train.lr."
+            )
         if accelerator.is_main_process:
             checkpoint.save(
                 ckpt_path,
@@ -149,42 +220,44 @@ def run(
                 extra_meta=extra_meta,
             )
 
-    log_file = open(out_dir / "log.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(
-        range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not accelerator.is_main_process
-    )
-    tick = time.perf_counter()
-    for step in bar:
-        torch.manual_seed(step_seed(t.seed, step, rank))  # dropout and any other global-RNG draw
-        generator = torch.Generator().manual_seed(step_seed(t.seed, step, rank) + 1)
-        x0 = images[order.indices(step)[rank::world]].to(accelerator.device)
-        if hasattr(objective, "before_step"):
-            objective.before_step(raw_model, step, t.steps)
-        model.train()
-        loss, logs = objective(model, x0, generator)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step}; stopped without saving. The last good checkpoint "
-                f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower train.lr or check the data."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if t.grad_clip > 0:
-            logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, t.grad_clip))
-        optimizer.step()
-        ema.update(raw_model)
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            logs["step_time_s"] = (time.perf_counter() - tick) / t.log_every
-            tick = time.perf_counter()
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=step + 1)
-            if log_file:
-                log_file.write(json.dumps({"step": step + 1, **logs}) + "\n")
-                log_file.flush()
-        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
-            save(step + 1)
-    if log_file:
-        log_file.close()
+    log_file = open(log_path, "a") if accelerator.is_main_process else None
+    try:
+        bar = tqdm(
+            range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not accelerator.is_main_process
+        )
+        tick = time.perf_counter()
+        for step in bar:
+            torch.manual_seed(step_seed(t.seed, step, rank))  # dropout and any other global-RNG draw
+            generator = torch.Generator().manual_seed(step_seed(t.seed, step, rank) + 1)
+            x0 = images[order.indices(step)[rank::world]].to(accelerator.device)
+            if hasattr(objective, "before_step"):
+                objective.before_step(raw_model, step, t.steps)
+            model.train()
+            loss, logs = objective(model, x0, generator)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step}; stopped without saving. The last good checkpoint "
+                    f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower train.lr or check the data."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if t.grad_clip > 0:
+                logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, t.grad_clip))
+            optimizer.step()
+            ema.update(raw_model)
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                logs["step_time_s"] = (time.perf_counter() - tick) / t.log_every
+                tick = time.perf_counter()
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                accelerator.log(logs, step=step + 1)
+                if log_file:
+                    log_file.write(json.dumps({"step": step + 1, **logs}) + "\n")
+                    log_file.flush()
+            if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
+                save(step + 1)
+    finally:
+        if log_file:
+            log_file.close()
     accelerator.end_training()
     return ckpt_path
 

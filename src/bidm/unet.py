@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bidm.errors import CheckpointError, ConfigError
+from bidm.fields import num
 
 
 @dataclass
@@ -24,14 +25,14 @@ class UNetConfig:
     """Architecture of the FP UNet. Defaults are the DDIM CIFAR-10 model (35.7 M params)."""
 
     arch: str = "ddim"  # "ddim" (this file's DDIMUNet) or "diffusers" (UNet2DModel from `diffusers_config`)
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    dropout: float = 0.1
-    in_channels: int = 3
-    out_ch: int = 3
-    resolution: int = 32
+    ch: int = num(128, gt=0)
+    ch_mult: tuple[int, ...] = num((1, 2, 2, 2), gt=0)
+    num_res_blocks: int = num(2, gt=0)
+    attn_resolutions: tuple[int, ...] = num((16,), gt=0)
+    dropout: float = num(0.1, ge=0, lt=1)
+    in_channels: int = num(3, gt=0)
+    out_ch: int = num(3, gt=0)
+    resolution: int = num(32, gt=0)
     resamp_with_conv: bool = True
     diffusers_config: dict = field(default_factory=dict)
 
@@ -255,6 +256,15 @@ class DDIMUNet(nn.Module):
         return len(self._output_block_names())
 
 
+def json_config(config) -> dict:
+    """A diffusers model config as plain JSON: its architecture keys only. The ``_name_or_path`` (a Path after
+    ``from_pretrained``), ``_class_name`` and ``_diffusers_version`` entries are bookkeeping, not architecture, and
+    tuples become lists, so the dict survives the JSON of a checkpoint and rebuilds the same model."""
+    import json
+
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
+
+
 class DiffusersUNet(nn.Module):
     """A diffusers ``UNet2DModel`` behind the bidm interface: ``forward(x, t) -> eps`` and ``feature_blocks()``."""
 
@@ -267,7 +277,7 @@ class DiffusersUNet(nn.Module):
             in_channels=c.in_channels,
             out_ch=c.out_channels,
             resolution=c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0],
-            diffusers_config=dict(c),
+            diffusers_config=json_config(c),
         )
 
     @classmethod

@@ -8,7 +8,9 @@ same loop, optimizer, budget and data order. The output run directory is read by
 
 from __future__ import annotations
 
-from bidm.commands.common import add_config_args, config_from_args
+from pathlib import Path
+
+from bidm.commands.common import add_config_args, check_outputs, config_from_args, run_outputs
 
 
 def add_parser(sub) -> None:
@@ -39,9 +41,19 @@ def build_config(args):
     return config_from_args(args, extra, base=teacher_sections(cfg.binarize.teacher))
 
 
+def teacher_input(spec: str) -> Path:
+    """What a teacher spec reads: a diffusers directory as a whole, else the checkpoint file of a run / the file."""
+    from bidm.checkpoint import resolve
+
+    path = Path(spec)
+    return path if (path / "config.json").is_file() else resolve(path)
+
+
 def main(args) -> int:
     from bidm.qat import train_student
 
-    path = train_student(build_config(args), resume=args.resume)
+    cfg = build_config(args)
+    check_outputs(run_outputs(cfg.out_dir), [cfg.data.path, teacher_input(cfg.binarize.teacher)], force=True)
+    path = train_student(cfg, resume=args.resume)
     print(f"checkpoint: {path}")
     return 0

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bidm.commands.common import add_force_arg, check_outputs, count
 from bidm.errors import ConfigError
+
+OUTPUTS = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png", "samples.png")
+RUN_INPUTS = ("metrics.json", "summary.json", "samples.npz")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -18,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("runs", nargs="+", help="run directories, or one .yaml listing them")
     p.add_argument("--out", default=None, help="output directory (required unless the YAML gives `out`)")
-    p.add_argument("--n-images", type=int, default=8, help="samples per run in samples.png")
+    p.add_argument("--n-images", type=count, default=8, help="samples per run in samples.png")
+    add_force_arg(p)
     p.set_defaults(func=run)
     return p
 
@@ -28,7 +33,12 @@ def read_runs_yaml(path: str | Path) -> tuple[list[str], list[str | None], str |
     import yaml
 
     path = Path(path)
-    spec = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError(f"runs file {path} not found")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     entries = spec.get("runs") if isinstance(spec, dict) else None
     if not entries:
         raise ConfigError(f"{path}: expected a `runs:` list of run directories or {{path, label}} entries")
@@ -46,12 +56,15 @@ def read_runs_yaml(path: str | Path) -> tuple[list[str], list[str | None], str |
 def run(args: argparse.Namespace) -> int:
     from bidm.evaluate import compare_runs
 
-    dirs, labels, out = list(args.runs), None, None
+    dirs, labels, out, inputs = list(args.runs), None, None, []
     if len(dirs) == 1 and dirs[0].endswith((".yaml", ".yml")):
+        inputs.append(dirs[0])
         dirs, labels, out = read_runs_yaml(dirs[0])
     out = args.out or out
     if not out:
         raise ConfigError("compare needs --out DIR (or `out:` in the YAML)")
+    inputs += [Path(d) / name for d in dirs for name in RUN_INPUTS]
+    check_outputs([Path(out) / name for name in OUTPUTS], inputs, force=args.force)
     result = compare_runs(dirs, out, labels=labels, n_images=args.n_images)
     print(Path(result["files"]["md"]).read_text())
     for kind, path in result["files"].items():

@@ -8,6 +8,8 @@ grids into --out.
 
 from __future__ import annotations
 
+from bidm.commands.common import add_force_arg, check_outputs, count, nonnegative, nonnegative_int
+
 # The built-in default: a ~0.3 M-parameter UNet on 16x16 digits. Budgets are set for 2 CPU cores.
 DEMO_TEACHER = [
     "data.name=digits",
@@ -44,19 +46,29 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on digits (offline, CPU, minutes)", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--methods", default="xnor,bidm", help="comma-separated methods (default xnor,bidm)")
-    p.add_argument("--teacher-steps", type=int, default=800)
-    p.add_argument("--student-steps", type=int, default=150)
-    p.add_argument("--n-samples", type=int, default=500, help="samples per model for the domain metrics")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0: the tiny CPU models sample far better)")
-    p.add_argument("--inception", type=int, default=0, metavar="N",
+    p.add_argument("--teacher-steps", type=count, default=800)
+    p.add_argument("--student-steps", type=count, default=150)
+    p.add_argument("--n-samples", type=count, default=500, help="samples per model for the domain metrics")
+    p.add_argument("--sample-steps", type=count, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=nonnegative, default=1.0, help="DDIM eta (1.0: tiny CPU models sample far better)")
+    p.add_argument("--inception", type=nonnegative_int, default=0, metavar="N",
                    help="also score N samples with the standard Inception network (~0.2 s/image on CPU)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="student seed: new parameters, data order and x_T")
     p.add_argument("--spread", default=None, help="committed seed-spread file (default bench/results/demo_seeds.json "
                    "next to the working directory, if present)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra overrides for the teacher and students, e.g. --set train.seed=1")  # fmt: skip
+    add_force_arg(p)
     p.set_defaults(func=main)
+
+
+REPORTS = ("report.md", "report.json", "comparison.md", "comparison.csv", "comparison.json", "comparison.png",
+           "samples.png")  # fmt: skip
+
+
+def demo_outputs(out, methods: list[str]) -> list:
+    """The files the demo's last stages write (earlier stages are cached run directories it reuses)."""
+    return [out / name for name in REPORTS] + [out / m / "packed.safetensors" for m in methods]
 
 
 def main(args) -> int:
@@ -65,7 +77,9 @@ def main(args) -> int:
     from pathlib import Path
 
     from bidm.config import load_config
+    from bidm.errors import ConfigError
     from bidm.evaluate import compare_runs
+    from bidm.fileio import atomic_write_text
     from bidm.pipeline import (
         ensure_metrics,
         ensure_samples,
@@ -76,6 +90,15 @@ def main(args) -> int:
     )
 
     out = Path(args.out)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from bidm.binarize import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ConfigError(f"--methods: unknown {unknown or 'empty list'}; choose from {sorted(METHODS)}")
+    if args.n_samples < 2:
+        raise ConfigError(f"--n-samples must be >= 2 (FID needs a covariance), got {args.n_samples}")
+    check_outputs(demo_outputs(out, methods), force=args.force)
     start = time.perf_counter()
     teacher_cfg = load_config(
         None, DEMO_TEACHER + args.overrides + [f"train.steps={args.teacher_steps}", f"out_dir={out / 'fp32'}"]
@@ -83,7 +106,6 @@ def main(args) -> int:
     print(f"[1/5] FP teacher -> {teacher_cfg.out_dir}")
     teacher_dir = ensure_teacher(teacher_cfg)
     runs = {"fp32": teacher_dir}
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for i, method in enumerate(methods):
         print(f"[2/5] binarize + train {method} ({i + 1}/{len(methods)}), {args.student_steps} steps")
         overrides = DEMO_STUDENT + args.overrides + [f"train.steps={args.student_steps}", f"train.seed={args.seed}"]
@@ -110,13 +132,9 @@ def main(args) -> int:
         f"(batch 32, same data order), {args.n_samples} samples, DDIM {args.sample_steps} steps (eta {args.eta}, "
         "x0 clipped), same x_T\n\n"
     )
-    (out / "report.md").write_text(header + md)
-    (out / "report.json").write_text(
-        json.dumps(
-            {"settings": settings(args), "ranking": ranking, "rows": report["rows"], "files": report["files"]},
-            indent=2,
-        )  # fmt: skip
-    )
+    atomic_write_text(out / "report.md", header + md)
+    report_json = {"settings": settings(args), "ranking": ranking, "rows": report["rows"], "files": report["files"]}
+    atomic_write_text(out / "report.json", json.dumps(report_json, indent=2))
     print(header + md)
     print(f"report: {out / 'report.md'}  ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -6,6 +6,8 @@ fake-binary student (checked here on a random input). `bidm sample` accepts the 
 
 from __future__ import annotations
 
+from bidm.commands.common import add_force_arg, check_outputs
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="pack a binarized student for the popcount runtime", description=__doc__)
@@ -13,6 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="packed file to write, e.g. packed.safetensors")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     p.add_argument("--no-check", action="store_true", help="skip the parity check of packed vs fake-binary model")
+    add_force_arg(p)
     p.set_defaults(func=main)
 
 
@@ -29,6 +32,7 @@ def main(args) -> int:
     from bidm.export import export_model, kernel_info
     from bidm.models import load_model
 
+    check_outputs([args.out], [resolve(args.ckpt)], force=args.force)
     model, cfg = load_model(args.ckpt, use_ema=not args.raw)
     if cfg.binarize.method == "none":
         raise BidmError(f"{args.ckpt} is a full-precision model: there is nothing to pack (binarize it first)")

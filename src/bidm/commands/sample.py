@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bidm.commands.common import add_force_arg, check_outputs, count, nonnegative, nonnegative_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample a trained model with DDIM", description=__doc__)
     p.add_argument("model", help="run directory / checkpoint.safetensors, or a packed .safetensors from `bidm export`")
-    p.add_argument("--n", type=int, help="number of images (default: sample.n of the run's config)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--steps", type=int, help="DDIM steps (default 100)")
-    p.add_argument("--eta", type=float)
+    p.add_argument("--n", type=count, help="number of images (default: sample.n of the run's config)")
+    p.add_argument("--batch-size", type=count)
+    p.add_argument("--steps", type=count, help="DDIM steps (default: sample.steps of the run's config)")
+    p.add_argument("--eta", type=nonnegative)
     p.add_argument("--skip", choices=["uniform", "quad"])
-    p.add_argument("--seed", type=int, help="x_T seed; the same seed gives every model the same x_T")
+    p.add_argument("--seed", type=nonnegative_int, help="x_T seed; the same seed gives every model the same x_T")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--out", help="output directory (default: the run directory)")
+    add_force_arg(p)
     p.set_defaults(func=main)
 
 
@@ -33,9 +36,13 @@ def load_any(path: str, use_ema: bool = True):
 
 
 def main(args) -> int:
+    from bidm.checkpoint import resolve
     from bidm.npz_io import save_grid, save_samples_npz
     from bidm.sample import generate
 
+    src = Path(args.model)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
+    check_outputs([out / "samples.npz", out / "samples.png"], [resolve(src)], force=args.force)
     model, cfg = load_any(args.model, use_ema=not args.raw)
     images = generate(
         model,
@@ -47,9 +54,6 @@ def main(args) -> int:
         skip=args.skip,
         seed=args.seed,
     )
-    src = Path(args.model)
-    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-    out.mkdir(parents=True, exist_ok=True)
     save_samples_npz(out / "samples.npz", images)
     save_grid(images[:64], out / "samples.png")
     print(f"{len(images)} samples: {out / 'samples.npz'}, grid: {out / 'samples.png'}")

@@ -51,6 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--no-layers", action="store_true", help="totals only")
     p.add_argument("--out", default=None, help="also write the JSON to this file (e.g. RUN_DIR/summary.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=run)
     return p
 
@@ -97,7 +98,11 @@ def _from_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from bidm.commands.common import check_outputs
     from bidm.profile import build_preset, summarize
+
+    if args.out:
+        check_outputs([args.out], [args.config], force=args.force)
 
     if args.config:
         model, shape, paper_flops, method, source = _from_config(args)
@@ -114,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
     s = summarize(model, shape, accounting=accounting, paper_flops=paper_flops if args.paper_accounting else None)
     data = {"model": source, "method": method, "input_shape": list(shape), **s.to_dict(layers=not args.no_layers)}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+        from bidm.fileio import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(data, indent=2) + "\n")
     if args.json:
         print(json.dumps(data, indent=2))
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bidm.commands.common import add_config_args, config_from_args
+from bidm.commands.common import add_config_args, check_outputs, config_from_args, run_outputs
 
 
 def add_parser(sub) -> None:
@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     from bidm.train import train_teacher
 
-    path = train_teacher(config_from_args(args), resume=args.resume)
+    cfg = config_from_args(args)
+    check_outputs(run_outputs(cfg.out_dir), [cfg.data.path], force=True)  # existing: --resume decides
+    path = train_teacher(cfg, resume=args.resume)
     print(f"checkpoint: {path}")
     return 0

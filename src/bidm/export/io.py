@@ -7,14 +7,12 @@ convs/scales, RPReLU, Gamma, TBS alpha table, ...) is stored as it is in the mod
 Metadata (safetensors string fields): ``format`` = `FORMAT`, ``layout`` = `pack.LAYOUT`, and ``bidm`` = JSON with
 ``format_version``, ``layout`` (the spec in words), ``layers`` (per packed layer: kind, class, method, a_code,
 in/out channels, kernel, stride, padding, words per tap) and ``config`` (the resolved bidm config, from which
-`load_packed` rebuilds the architecture).
+`load_packed` rebuilds the architecture), plus ``sha256`` (`bidm.integrity`, checked on load).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,9 +20,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from bidm import integrity
 from bidm.errors import CheckpointError
 from bidm.export import pack
 from bidm.export.packed_layers import PackedBinaryConv2d, is_packed, pack_
+from bidm.fileio import atomic_write
 
 FORMAT = "bidm-packed"
 FORMAT_VERSION = 1
@@ -60,27 +60,19 @@ def save_packed(model: nn.Module, path: str | Path, config: dict | None = None) 
     if not layers:
         raise ValueError("save_packed: the model has no packed binary layers; run bidm.export.pack_(model) first")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    from bidm.checkpoint import first_nonfinite
+
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"not exporting to {path}: tensor {bad!r} holds NaN/inf (the model diverged)")
     header = {
         "format_version": FORMAT_VERSION,
         "layout": {"name": pack.LAYOUT, "spec": LAYOUT_SPEC},
         "layers": layers,
         "config": config or {},
     }
-    meta = {"format": FORMAT, "layout": pack.LAYOUT, "bidm": json.dumps(header)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a model file is as readable as any other file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    meta = integrity.with_digest(tensors, {"format": FORMAT, "layout": pack.LAYOUT, "bidm": json.dumps(header)})
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -92,17 +84,32 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as err:
-        raise CheckpointError(f"{path} is not a safetensors file: {err}") from err
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bidm packed model (format {meta.get('format')!r})")
-    header = json.loads(meta["bidm"])
+    header = _header(path, meta)
+    integrity.verify(path, tensors, meta)
     if header.get("format_version") != FORMAT_VERSION or meta.get("layout") != pack.LAYOUT:
         raise CheckpointError(
             f"{path}: packed format {header.get('format_version')} / layout {meta.get('layout')} is not supported "
             f"by this bidm (format {FORMAT_VERSION}, layout {pack.LAYOUT})"
         )
     return tensors, header
+
+
+def _header(path: Path, meta: dict[str, str]) -> dict:
+    """The ``bidm`` JSON header, checked for the fields `load_packed` reads."""
+    try:
+        header = json.loads(meta.get("bidm", ""))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: the packed file's 'bidm' header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the packed file's 'bidm' header must be a JSON object")
+    for key, kind in (("layers", dict), ("config", dict)):
+        if not isinstance(header.get(key, {}), kind):
+            raise CheckpointError(f"{path}: the packed header's {key!r} must be a JSON object")
+    return header
 
 
 def is_packed_file(path: str | Path) -> bool:
@@ -124,7 +131,7 @@ def load_packed(path: str | Path, model: nn.Module | None = None):
     from bidm.config import from_dict
 
     tensors, header = read_packed(path)
-    config = header["config"]
+    config = header.get("config") or {}
     if model is None:
         if not config:
             raise CheckpointError(f"{path} stores no config; pass the architecture as load_packed(path, model)")
