@@ -1,6 +1,7 @@
 """Per-timestep epsilon error of binary students against their FP teacher (bidm.analysis), as one table.
 
-Each student is a trained run directory (``DIR+alpha0``: a TBS student with its mix switched off), or
+Each student is a trained run directory (``DIR+alpha0``: a TBS student with its mix switched off;
+``DIR+unmixed``: its sampler carrying the pre-mix outputs, ``binarize.tbs_sample_cache=unmixed``), or
 ``init:METHOD[,key=value...]`` for a freshly binarized copy of the
 teacher (step 0, the start of QAT; ``key=value`` are config overrides such as ``binarize.options.k_bias=false``).
 
@@ -34,6 +35,10 @@ def build(spec: str, teacher_dir: Path, teacher):
         model, cfg = load_model(spec[: -len("+alpha0")])
         with torch.no_grad():
             model.alpha.zero_()
+        return model, cfg
+    if spec.endswith("+unmixed"):  # a trained TBS student whose sampler carries the pre-mix outputs
+        model, cfg = load_model(spec[: -len("+unmixed")])
+        model.sample_cache = "unmixed"
         return model, cfg
     if not spec.startswith("init:"):
         return load_model(spec)

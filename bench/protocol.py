@@ -103,7 +103,7 @@ def config_hash(cfg: Config) -> str:
     b.pop("teacher", None)
     b["method_options"] = {k: v for k, v in b["method_options"].items() if k == b["method"]}
     if not uses_tbs(cfg):
-        for key in ("tbs", "tbs_blocks", "tbs_alpha_init", "train_cache", "train_cache_noise"):
+        for key in ("tbs", "tbs_blocks", "tbs_alpha_init", "train_cache", "train_cache_noise", "tbs_sample_cache"):
             b.pop(key, None)
     if b.get("feature_loss") in ("none", "auto") and cfg.binarize.method != "bidm":
         for key in ("spd_lambda", "spd_p"):

@@ -224,3 +224,21 @@ def test_cache_input_same_and_forward_noise():
     assert float(xf.var()) == pytest.approx(float(1 - a), rel=0.03)
     with pytest.raises(ConfigError, match="cache_noise"):
         CrossTimestep(Toy(), n_blocks=1, cache_noise="fresh")
+
+
+def test_sample_cache_unmixed_carries_pre_mix_outputs():
+    w = CrossTimestep(Toy(), n_blocks=1, alpha_init=0.5, sample_cache="unmixed")
+    with torch.no_grad():
+        w.unet.a.weight.fill_(1.0)
+    x = torch.ones(1, 1, 2, 2)
+    t = torch.tensor([10])
+    eps, state = w.denoise(x, t, {"b": torch.full((1, 1, 2, 2), 3.0)})
+    assert eps.equal(torch.full((1, 1, 2, 2), 2.0))  # (1 - 0.5) * 1 + 0.5 * 3
+    assert state["b"].equal(torch.ones(1, 1, 2, 2))  # the block's own output, not the mix
+    mixed = CrossTimestep(Toy(), n_blocks=1, alpha_init=0.5)
+    with torch.no_grad():
+        mixed.unet.a.weight.fill_(1.0)
+    _, state = mixed.denoise(x, t, {"b": torch.full((1, 1, 2, 2), 3.0)})
+    assert state["b"].equal(torch.full((1, 1, 2, 2), 2.0))  # official: post-mix
+    with pytest.raises(ConfigError, match="sample_cache"):
+        CrossTimestep(Toy(), n_blocks=1, sample_cache="x")

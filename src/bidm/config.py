@@ -67,7 +67,12 @@ class BinarizeConfig:
     tbs_blocks: int = num(8, ge=0)  # the last n output blocks are mixed (paper: 8; 0 = off)
     tbs_alpha_init: float = 0.3  # paper 0.3; official CIFAR code 0.0
     train_cache: str = "t+1"  # t+1 (official) | t+K | sampler (cache from t + T/steps, matches sampling)
-    train_cache_noise: str = "same"  # same (official; eta=0 joint) | forward (x_t' ~ q(x_t'|x_t); eta=1 joint)
+    train_cache_noise: str = choice(
+        "same", ("same", "forward")
+    )  # same (official; eta=0 joint) | forward (x_t' ~ q(x_t'|x_t); eta=1 joint)
+    tbs_sample_cache: str = choice(
+        "mixed", ("mixed", "unmixed")
+    )  # mixed (official: post-mix outputs carried) | unmixed (pre-mix, as in training)
     # distillation
     feature_loss: str = "auto"  # spd | l2 | none | auto (= spd for bidm, none for the baselines; bidm.qat)
     spd_lambda: float = num(1e-2, ge=0)  # code & paper App. A (LDM); paper CIFAR 3e-2; paper text "4"

@@ -58,6 +58,7 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
             num_timesteps=cfg.diffusion.num_timesteps,
             train_cache=b.train_cache,
             cache_noise=b.train_cache_noise,
+            sample_cache=b.tbs_sample_cache,
             sampler_steps=cfg.sample.steps,
         )
     return unet

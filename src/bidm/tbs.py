@@ -27,6 +27,9 @@ Where the cache comes from (reference §3, §9.6) -- a train/test mismatch inher
       x_{t'} ~ q(x_{t'} | x_t) = N(sqrt(a_{t'}/a_t) x_t, (1 - a_{t'}/a_t) I) with fresh noise, the joint of the
       forward process, which is what a stochastic (eta = 1, ancestral) sampler's consecutive steps follow. With
       "same" and an eta = 1 sampler the mix is trained on a cache far more like x_t than the one it meets.
+      ``sample_cache`` says what the sampler carries to the next step: ``"mixed"`` (official) the post-mix outputs,
+      so the mix compounds into a moving average over all earlier steps; ``"unmixed"`` the blocks' own outputs
+      before the mix, which is what the training cache pass supplies.
     * Sampling (`denoise`): the cache is the previous *sampler* step's post-mix outputs (t + 10 with 100 DDIM
       steps, t + 5 with 200); the first step has no cache and so no mixing. The alpha row is always the one of the
       current t, so with 200 steps two consecutive steps share a row and with 50 steps every other row is unused.
@@ -58,6 +61,7 @@ from bidm.errors import ConfigError
 
 Cache = dict[str, torch.Tensor]
 CACHE_NOISE = ("same", "forward")
+SAMPLE_CACHE = ("mixed", "unmixed")
 
 
 def timestep_bucket(t: torch.Tensor, num_buckets: int = 100, num_timesteps: int = 1000) -> torch.Tensor:
@@ -103,6 +107,8 @@ class CrossTimestep(nn.Module):
         sampler_steps: DDIM steps of sampling; only read by ``train_cache="sampler"``.
         cache_noise: ``"same"`` (official) or ``"forward"``: how the training cache's x_{t'} is drawn
             (`cache_input`, module docstring).
+        sample_cache: ``"mixed"`` (official) or ``"unmixed"``: the outputs `last_cache` hands to the next
+            sampler step (module docstring).
 
     Calls:
         ``wrapper(x, t, cache=None)`` -> eps. With a cache the mixed blocks mix, without one nothing mixes.
@@ -122,11 +128,16 @@ class CrossTimestep(nn.Module):
         train_cache: str = "t+1",
         sampler_steps: int | None = None,
         cache_noise: str = "same",
+        sample_cache: str = "mixed",
     ):
         super().__init__()
         if cache_noise not in CACHE_NOISE:
             raise ConfigError(f"cache_noise must be one of {CACHE_NOISE}, got {cache_noise!r}")
         self.cache_noise = cache_noise
+        if sample_cache not in SAMPLE_CACHE:
+            raise ConfigError(f"sample_cache must be one of {SAMPLE_CACHE}, got {sample_cache!r}")
+        self.sample_cache = sample_cache
+        self._premix: dict[str, torch.Tensor] = {}
         names = list(unet.feature_blocks())
         n_out = unet.num_output_blocks() if hasattr(unet, "num_output_blocks") else len(names)
         if not 0 <= n_blocks <= n_out:
@@ -154,13 +165,13 @@ class CrossTimestep(nn.Module):
     def __getstate__(self) -> dict:
         # deepcopy/pickle (e.g. an EMA copy) must not try to copy the last call's non-leaf activations
         state = self.__dict__.copy()
-        state["_features"] = {}
+        state["_features"], state["_premix"] = {}, {}
         return state
 
     def extra_repr(self) -> str:
         return (
             f"n_blocks={self.n_blocks}, num_buckets={self.num_buckets}, num_timesteps={self.num_timesteps}, "
-            f"train_cache={self.train_cache!r}, cache_noise={self.cache_noise!r}"
+            f"train_cache={self.train_cache!r}, cache_noise={self.cache_noise!r}, sample_cache={self.sample_cache!r}"
         )
 
     def feature_blocks(self) -> list[str]:
@@ -174,7 +185,7 @@ class CrossTimestep(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: Cache | None = None, **kwargs: Any) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        self._features = {}
+        self._features, self._premix = {}, {}
         self._cache = cache if self.n_blocks > 0 else None
         self._alpha_rows = self.alpha[timestep_bucket(t, self.num_buckets, self.num_timesteps)]  # [B, n_blocks]
         self._active = True
@@ -205,6 +216,8 @@ class CrossTimestep(nn.Module):
                 raise ValueError(
                     f"cache for {name!r} has shape {tuple(prev.shape)}, the block gives {tuple(out.shape)}"
                 )
+            if self.sample_cache == "unmixed":
+                self._premix[name] = out.detach().clone()
             alpha = self._alpha_rows[:, self._column[name]].to(out.dtype)
             alpha = alpha.view(-1, *([1] * (out.dim() - 1)))  # [B, 1, 1, 1]
             out = cross_timestep_mix(out, prev, alpha)
@@ -216,12 +229,16 @@ class CrossTimestep(nn.Module):
         return [self._features[name] for name in self.block_names]
 
     def last_cache(self) -> Cache:
-        """Detached copies of the last forward's (post-mix) outputs of the mixed blocks, keyed by module name."""
-        return {name: self._features[name].detach().clone() for name in self.mixed_names}
+        """Detached copies of the last forward's outputs of the mixed blocks, keyed by module name: post-mix
+        (``sample_cache="mixed"``, official) or, where this forward mixed, pre-mix (``"unmixed"``)."""
+        return {
+            name: self._premix[name] if name in self._premix else self._features[name].detach().clone()
+            for name in self.mixed_names
+        }
 
     def clear(self) -> None:
         """Drop the last forward's features (frees the activations they keep alive)."""
-        self._features = {}
+        self._features, self._premix = {}, {}
 
     # ------------------------------------------------------------------ training and sampling
     def cache_timestep(self, t: torch.Tensor) -> torch.Tensor:
