@@ -31,10 +31,13 @@ DEMO_TEACHER = [
     "sample.clip_x0=true",
     "sample.eta=1.0",
 ]
-DEMO_STUDENT = [
-    "binarize.tbs_blocks=4",
+DEMO_STUDENT = [  # the BiDM settings of configs/recipes/cpu_cifar16.yaml (docs/FIDELITY.md says why)
     "binarize.method_options.bidm.shortcut_scale_init=0.0",  # the official CIFAR (DDIM UNet) shortcut: s init 0
     "binarize.method_options.bidm.shortcut_abs=false",
+    "binarize.tbs_blocks=2",
+    "binarize.tbs_alpha_init=0.0",
+    "binarize.train_cache=sampler",  # the TBS training cache at the sampler's stride, drawn as an eta=1 sampler
+    "binarize.train_cache_noise=forward",
     "train.batch_size=32",
     "train.lr=5e-4",
     "train.log_every=10",
@@ -46,8 +49,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on digits (offline, CPU, minutes)", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--methods", default="xnor,bidm", help="comma-separated methods (default xnor,bidm)")
-    p.add_argument("--teacher-steps", type=count, default=800)
-    p.add_argument("--student-steps", type=count, default=150)
+    p.add_argument("--teacher-steps", type=count, default=600)
+    p.add_argument("--student-steps", type=count, default=300)
     p.add_argument("--n-samples", type=count, default=500, help="samples per model for the domain metrics")
     p.add_argument("--sample-steps", type=count, default=50, help="DDIM steps")
     p.add_argument("--eta", type=nonnegative, default=1.0, help="DDIM eta (1.0: tiny CPU models sample far better)")
