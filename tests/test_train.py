@@ -152,3 +152,15 @@ def test_batch_order_is_a_function_of_step():
     again = BatchOrder(10, 3, seed=1)
     assert [again.indices(s).tolist() for s in (5, 0, 3)] == [first[5], first[0], first[3]]
     assert sorted(sum(first[:3], [])) == sorted(set(sum(first[:3], [])))  # no repeats inside an epoch
+
+
+def test_ema_follows_the_model_to_its_device():
+    import torch.nn as nn
+
+    from bidm.train import EMA
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = EMA(model, 0.9)
+    model.to("meta")  # stands in for a CUDA device where none exists
+    ema.follow(model)
+    assert {v.device.type for v in ema.shadow.values()} == {"meta"}

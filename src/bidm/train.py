@@ -52,6 +52,12 @@ class EMA:
         self.num_updates = 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    def follow(self, model: nn.Module) -> None:
+        """Move every shadow tensor to the device of the model's tensor of the same name (after the model was
+        moved, e.g. by ``accelerator.prepare``); an EMA left on the CPU would fail at the first CUDA update."""
+        state = model.state_dict()
+        self.shadow = {k: v.to(state[k].device) if k in state else v for k, v in self.shadow.items()}
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
@@ -196,6 +202,7 @@ def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resum
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = objective.to(accelerator.device)
     raw_model = accelerator.unwrap_model(model)
+    ema.follow(raw_model)  # built (and resumed) from the model before prepare moved it
     if accelerator.is_main_process:
         save_yaml(cfg, out_dir / "config.yaml")
     accelerator.init_trackers("tensorboard")
