@@ -12,7 +12,7 @@ import sys
 
 from bidm.errors import BidmError
 
-COMMANDS = ["train", "binarize", "sample", "summary", "export", "evaluate", "compare", "demo"]
+COMMANDS = ["train", "binarize", "sample", "summary", "export", "evaluate", "compare", "analyze", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
