@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from bidm import checkpoint, cli
-from bidm.analyze import layer_groups, read_log
+from bidm.analyze import joint_name, layer_groups, read_log, shared_inputs
 from bidm.config import load_config, to_dict
 from bidm.diffusion import alphas_cumprod, make_betas
 from bidm.models import load_teacher, student_from_teacher
@@ -157,12 +157,16 @@ def test_read_log_keeps_nonzero_keys_and_layer_groups(tmp_path):
     log = read_log(tmp_path)
     assert log == {"loss": {"step": [1, 2], "value": [2.0, 1.0]}, "flip_ratio": {"step": [1, 2], "value": [0.0, 0.1]}}
     assert read_log(tmp_path / "missing") == {}
-    shapes = {"down.0.a": [4, 8, 8], "down.0.b": [4, 4, 4], "mid.x": [8, 4, 4], "down.0.c": [4, 8, 8]}
+    shapes = {"down.0.a.conv": [4, 8, 8], "down.0.d.conv": [4, 9, 9], "down.1.a": [4, 4, 4], "mid.x.q": [8, 4, 4]}
     assert layer_groups(shapes) == {
-        "down 8x8": ["down.0.a", "down.0.c"],
-        "down 4x4": ["down.0.b"],
-        "mid 4x4": ["mid.x"],
+        "down.0 (inputs 8x8, 9x9)": ["down.0.a.conv", "down.0.d.conv"],
+        "down.1 (inputs 4x4)": ["down.1.a"],
+        "mid (inputs 4x4)": ["mid.x.q"],
     }
+    same, other = {"min": [0.0], "max": [1.0]}, {"min": [0.0], "max": [2.0]}
+    assert shared_inputs({"a.q": same, "a.k": same, "b": other, "a.v": same}) == [["a.q", "a.k", "a.v"], ["b"]]
+    assert joint_name(["up.1.attn.0.q", "up.1.attn.0.k", "up.1.attn.0.v"]) == "up.1.attn.0.{q,k,v}"
+    assert joint_name(["x"]) == "x" and joint_name(["p", "q"]) == "p, q"
 
 
 # ---------------------------------------------------------------------------------------------- CLI end to end

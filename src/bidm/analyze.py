@@ -13,6 +13,7 @@ Every model sees the same x_T; the DDIM settings default to the run's ``sample``
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -54,12 +55,39 @@ def watched_convs(model: nn.Module) -> list[str]:
     return [n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d) and default_filter(m, n)]
 
 
+def layer_level(name: str) -> str:
+    """The UNet level of a layer name: its first part plus the level index if one follows ("down.1", "mid",
+    "up_blocks.0")."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
 def layer_groups(shapes: dict[str, list[int]]) -> dict[str, list[str]]:
-    """Layers grouped by UNet path (first name part: down / mid / up) and input resolution, in layer order."""
-    groups: dict[str, list[str]] = {}
-    for name, shape in shapes.items():
-        groups.setdefault(f"{name.split('.')[0]} {shape[-2]}x{shape[-1]}", []).append(name)
+    """Layers grouped by UNet level, in layer order, keyed "level (inputs HxW, ...)" with the input sizes seen."""
+    levels: dict[str, list[str]] = {}
+    for name in shapes:
+        levels.setdefault(layer_level(name), []).append(name)
+    groups = {}
+    for level, names in levels.items():
+        sizes = dict.fromkeys(f"{shapes[n][-2]}x{shapes[n][-1]}" for n in names)
+        groups[f"{level} (inputs {', '.join(sizes)})"] = names
     return groups
+
+
+def shared_inputs(ranges: dict[str, dict]) -> list[list[str]]:
+    """Layers grouped by identical input statistics (attention q, k, v read one tensor), in layer order."""
+    groups: dict[str, list[str]] = {}
+    for name, stats in ranges.items():
+        groups.setdefault(json.dumps(stats), []).append(name)
+    return list(groups.values())
+
+
+def joint_name(names: list[str]) -> str:
+    """``["a.q", "a.k", "a.v"]`` -> ``"a.{q,k,v}"``; one name stays as it is."""
+    if len(names) == 1:
+        return names[0]
+    prefix = names[0][: len(os.path.commonprefix(names))].rpartition(".")[0]
+    return f"{prefix}.{{{','.join(n[len(prefix) + 1 :] for n in names)}}}" if prefix else ", ".join(names)
 
 
 def _similarity(trajectory: dict, blocks: list[str]) -> dict:
@@ -155,8 +183,10 @@ def _figures(result: dict, out: Path, final: dict[str, torch.Tensor]) -> list[tu
     t = ranges[main]["t"]
     teacher = ranges["teacher"]["ranges"] if "teacher" in ranges else None
     for i, (group, names) in enumerate(layer_groups(ranges[main]["shapes"]).items()):
-        layers = {name: ranges[main]["ranges"][name] for name in names}
-        path = plots.activation_ranges(group, t, layers, out / f"obs1a_ranges_{i}.png", teacher=teacher)
+        shared = shared_inputs({name: ranges[main]["ranges"][name] for name in names})
+        layers = {joint_name(same): ranges[main]["ranges"][same[0]] for same in shared}
+        reference = {joint_name(same): teacher[same[0]] for same in shared} if teacher else None
+        path = plots.activation_ranges(group, t, layers, out / f"obs1a_ranges_{i}.png", teacher=reference)
         figs.append((f"Obs. 1a: input activation range per timestep, {group}", path))
     for label, sim in result["obs1b"].items():
         title = f"Obs. 1b: step x step cosine similarity of each output block ({label})"

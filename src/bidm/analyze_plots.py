@@ -52,7 +52,9 @@ def _block_colors(n: int) -> list:
 
 
 def activation_ranges(group: str, t: list[int], layers: dict, path, *, teacher: dict | None = None) -> Path:
-    """Obs. 1a, one layer group: per layer, the input's p1-p99 band (shaded) and min/max (dashed) over t."""
+    """Obs. 1a, one layer group: per layer, the input's p1-p99 band (shaded) and min/max (dashed) over t.
+
+    ``layers`` and ``teacher``: {panel title: {"min", "p01", "p99", "max"} lists over ``t``}, the same titles."""
     rows, cols = _grid(len(layers), 3)
     fig = _figure(4.2 * cols, 2.6 * rows + 0.6)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
@@ -71,8 +73,8 @@ def activation_ranges(group: str, t: list[int], layers: dict, path, *, teacher: 
     for ax in axes[len(layers) :]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=len(labels), fontsize=8)
-    fig.suptitle(f"Obs. 1a: input range of the binarized convs, {group}", fontsize=10)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
+    fig.suptitle(f"Obs. 1a: input range of the watched convs, {group}", fontsize=10)
     return _save(fig, path)
 
 
@@ -231,7 +233,9 @@ def layer_bars(rows: list[dict], path) -> Path:
         axes[1].scatter([r["teacher_mean_abs"] for r in rows], y, marker="|", s=80, color="k", label="teacher")
     axes[1].set_xlabel("mean |W|")
     axes[1].legend(fontsize=7, loc="lower right")
-    axes[2].barh(y, [r["clipped"] for r in rows], color="C4")
+    clipped = [r["clipped"] for r in rows]
+    axes[2].barh(y, clipped, color="C4")
+    axes[2].set_xlim(0, max(max(clipped, default=0.0) * 1.1, 1e-3))  # all zero: a visible [0, 0.001] axis
     axes[2].set_xlabel("fraction with |W| > 1 (no STE gradient)")
     axes[0].set_yticks(y, names, fontsize=7)
     axes[0].invert_yaxis()
@@ -289,7 +293,7 @@ def alpha_heatmap(table: dict, path) -> Path:
     fig = _figure(2.2 + 1.1 * alpha.shape[1], 5.5)
     ax = fig.subplots()
     image = ax.imshow(alpha, aspect="auto", cmap="viridis", interpolation="nearest")
-    rows = np.linspace(0, n_b - 1, min(n_b, 11)).round().astype(int)
+    rows = np.arange(0, n_b, math.ceil(n_b / 10))
     ax.set_yticks(rows, [f"{r * n_t // n_b}-{(r + 1) * n_t // n_b - 1}" for r in rows], fontsize=7)
     ax.set_ylabel("timestep bucket (t range)")
     ax.set_xticks(np.arange(alpha.shape[1]), table["blocks"], rotation=35, ha="right", fontsize=8)
