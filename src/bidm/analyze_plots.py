@@ -180,22 +180,30 @@ def training_log(log: dict[str, dict], path) -> Path:
 # ---------------------------------------------------------------------------------------------- eps error
 
 
+EPS_COLORS = {
+    "student vs teacher (trajectory)": "C0",
+    "student vs teacher (q_sample)": "C1",
+    "student vs true (q_sample)": "C2",
+    "teacher vs true (q_sample)": TEACHER,
+}
+
+
 def eps_error(train_rows: list[dict], traj_rows: list[dict], buckets: dict[str, dict], path) -> Path:
     """Where a student goes wrong: eps MSE against t (training distribution and teacher trajectory) and per
-    timestep bucket."""
+    timestep bucket; a series has the same colour in both panels."""
     fig = _figure(12, 4.2)
     ax, bx = fig.subplots(1, 2, width_ratios=[1.4, 1])
+    series = [("student vs teacher (trajectory)", traj_rows, "student_vs_teacher", "-")]
     if train_rows:
-        t = [r["t"] for r in train_rows]
-        ax.plot(t, [r["student_vs_teacher"] for r in train_rows], "o-", ms=3, label="student vs teacher (q_sample)")
-        ax.plot(t, [r["student_vs_true"] for r in train_rows], "s-", ms=3, label="student vs true eps")
-        ax.plot(t, [r["teacher_vs_true"] for r in train_rows], "--", color=TEACHER, label="teacher vs true eps")
-    ax.plot(
-        [r["t"] for r in traj_rows],
-        [r["student_vs_teacher"] for r in traj_rows],
-        lw=1,
-        label="student vs teacher (DDIM trajectory)",
-    )
+        series += [
+            ("student vs teacher (q_sample)", train_rows, "student_vs_teacher", "o-"),
+            ("student vs true (q_sample)", train_rows, "student_vs_true", "s-"),
+            ("teacher vs true (q_sample)", train_rows, "teacher_vs_true", "--"),
+        ]
+    for label, rows, key, style in series:
+        ax.plot(
+            [r["t"] for r in rows], [r[key] for r in rows], style, ms=3, lw=1.2, color=EPS_COLORS[label], label=label
+        )
     ax.set_yscale("log")
     ax.set_ylabel("eps MSE")
     _time_axis(ax)
@@ -205,7 +213,8 @@ def eps_error(train_rows: list[dict], traj_rows: list[dict], buckets: dict[str, 
     x = np.arange(len(names))
     width = 0.8 / max(len(buckets), 1)
     for i, (label, values) in enumerate(buckets.items()):
-        bx.bar(x + (i - (len(buckets) - 1) / 2) * width, [values[n] for n in names], width, label=label)
+        offset = (i - (len(buckets) - 1) / 2) * width
+        bx.bar(x + offset, [values[n] for n in names], width, label=label, color=EPS_COLORS.get(label))
     bx.set_xticks(x, names)
     bx.set_xlabel("timestep bucket")
     bx.set_ylabel("mean eps MSE")
@@ -236,6 +245,8 @@ def layer_bars(rows: list[dict], path) -> Path:
     clipped = [r["clipped"] for r in rows]
     axes[2].barh(y, clipped, color="C4")
     axes[2].set_xlim(0, max(max(clipped, default=0.0) * 1.1, 1e-3))  # all zero: a visible [0, 0.001] axis
+    if not any(clipped):
+        axes[2].text(0.5, 0.5, "no layer has |W| > 1", transform=axes[2].transAxes, ha="center", va="center")
     axes[2].set_xlabel("fraction with |W| > 1 (no STE gradient)")
     axes[0].set_yticks(y, names, fontsize=7)
     axes[0].invert_yaxis()
