@@ -29,7 +29,7 @@ from bidm.unet import DDIMUNet
 from bidm.weight_stats import alpha_table, flip_fraction, layer_diagnostics
 
 TINY = [
-    "data.size=8", "model.ch=32", "model.ch_mult=[1, 2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
+    "data.size=8", "model.ch=32", "model.ch_mult=[1, 2]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
     "model.in_channels=1", "model.out_ch=1", "model.resolution=8", "model.dropout=0.0", "sample.steps=4",
 ]  # fmt: skip
 ACP = alphas_cumprod(make_betas("linear", 1000)).float()
