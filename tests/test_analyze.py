@@ -111,6 +111,8 @@ def test_trajectory_block_constant_across_timesteps_has_similarity_one():
     assert first == pytest.approx(range_stats(x_T))  # the conv's input at the first step is x_T
     assert traj["shapes"]["conv"] == [1, 4, 4]
     assert not model.conv._forward_pre_hooks and not model.const._forward_hooks  # hooks removed
+    only = record_trajectory(model, x_T, ACP, layers=[], steps=2, blocks=["ident"])
+    assert set(only["features"]) == {"ident"} and only["ranges"] == {}
 
 
 # ---------------------------------------------------------------------------------------------- student vs teacher

@@ -321,9 +321,10 @@ def analyze_run(
     final = {}
     for label, m in models.items():
         log(f"[analyze] obs. 1: {label} trajectory ({steps} steps, {len(layers)} convs watched)")
-        traj = observe.record_trajectory(m, x_T, acp, layers=layers, sim_batch=sim_batch, **opts)
+        outputs = list(m.feature_blocks())[-n_out:]
+        traj = observe.record_trajectory(m, x_T, acp, layers=layers, sim_batch=sim_batch, blocks=outputs, **opts)
         result["obs1a"][label] = {"t": traj["t"], "ranges": traj["ranges"], "shapes": traj["shapes"]}
-        result["obs1b"][label] = _similarity(traj, list(m.feature_blocks())[-n_out:])
+        result["obs1b"][label] = _similarity(traj, outputs)
         final[label] = traj["x0"]
     if is_student:
         log("[analyze] obs. 2: student vs teacher features on the teacher's trajectory")

@@ -119,6 +119,7 @@ def record_trajectory(
     clip_x0: bool = False,
     seed: int = 0,
     sim_batch: int = 8,
+    blocks: list[str] | None = None,
 ) -> dict:
     """Run DDIM from ``x_T`` with ``model`` and record, at every step (in sampling order, t decreasing):
 
@@ -126,11 +127,11 @@ def record_trajectory(
       ``layers`` (module names relative to `inner_unet`, as ``feature_blocks()``), and ``shapes[layer]`` =
       [C, H, W] of that input;
     - ``features[block]``: [S, sim_batch, D] float32 CPU, the flattened outputs of the first ``sim_batch`` samples
-      for every ``feature_blocks()`` entry (memory: S * sim_batch * D floats per block);
+      for each of ``blocks`` (default: every ``feature_blocks()`` entry; memory: S * sim_batch * D floats each);
     - ``t``: the S timesteps, and ``x0``: the final samples.
     """
     model.eval()
-    blocks = list(model.feature_blocks())
+    blocks = list(model.feature_blocks()) if blocks is None else list(blocks)
     ranges = InputRanges(inner_unet(model), layers)
     taps = FeatureTaps(inner_unet(model), blocks)  # sees a TBS block's post-mix output (its hook runs first)
     denoise = as_denoiser(model)

@@ -22,7 +22,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's sample.steps)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's sample.eta)")
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the sampler noise")
-    p.add_argument("--sim-batch", type=int, default=8, help="samples kept per block for the similarity matrices")
+    p.add_argument("--sim-batch", type=int, default=8,
+                   help="samples kept per output block for the similarity matrices (memory: steps x sim-batch x "
+                        "block size floats per block; lower it for large models)")  # fmt: skip
     p.add_argument("--n-eps", type=int, default=64, help="training images for the eps error on q_sample inputs")
     p.set_defaults(func=run)
     return p
