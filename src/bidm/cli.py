@@ -20,7 +20,7 @@ import warnings
 
 from bidm.errors import BidmError
 
-COMMANDS = ["train", "binarize", "sample", "summary", "export", "evaluate", "compare", "demo"]
+COMMANDS = ["train", "binarize", "sample", "summary", "export", "evaluate", "compare", "analyze", "demo"]
 
 
 class OneLineParser(argparse.ArgumentParser):
