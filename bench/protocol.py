@@ -149,7 +149,7 @@ def rows_for(label: dict, run_dir: Path, version: dict, result: dict, *, train_s
         "ops": result["summary"].get("ops"),
     }
     rows = []
-    for m in result["metrics"]["results"]:
+    for m in result["metrics"]["by_space"].values():
         rows.append(
             {
                 **base,

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             result = P.evaluate_run(run_dir, teacher_cfg, n=n, n_ref=n_ref, steps=steps, eta=eta, seed=seed)
             label = {"method": method, "variant": None, "seed": seed, "dataset": args.dataset_name or "cifar10"}
             P.add_rows(results, P.rows_for(label, run_dir, version, result, train_s=train_s))
-            inc = next(m for m in result["metrics"]["results"] if m["feature_space"] == "inception")
+            inc = result["metrics"]["by_space"]["inception"]
             print(f"{method} seed {seed}: FID {inc['fid']:.2f} recall {inc['recall']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     if args.train_only:

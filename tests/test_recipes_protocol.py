@@ -125,3 +125,24 @@ def test_results_merge_render_and_stale(tmp_path):
     assert P.is_stale(_row("xnor", 0, 1.0, head, epoch=P.CODE_EPOCH)) is None
     m, s = P.mean_std([1.0])
     assert m == 1.0 and math.isnan(s)
+
+
+def test_rows_for_reads_what_the_pipeline_writes(tmp_path):
+    import json as _json
+
+    from bidm import checkpoint
+    from bidm.config import to_dict
+    from bidm.evaluate import write_metrics
+
+    P = _bench_module("protocol")
+    cfg = load_config(None, ["binarize.method=xnor", "train.steps=7"])
+    checkpoint.save(tmp_path / "checkpoint.safetensors", model={"w": torch.zeros(2)}, config=to_dict(cfg), step=7)
+    results = [{"feature_space": s, "fid": f, "sfid": None, "precision": 0.5, "recall": 0.25, "n_samples": 20,
+                "n_reference": 40} for s, f in (("inception", 90.0), ("domain", 9.0))]  # fmt: skip
+    write_metrics(results, tmp_path)
+    metrics = _json.loads((tmp_path / "metrics.json").read_text())
+    result = {"metrics": metrics, "summary": {"size_mib": 1.0, "ops": 2.0}, "sample_s": 3.0}
+    rows = P.rows_for({"method": "xnor", "seed": 0}, tmp_path, P.code_version(), result, train_s=None)
+    assert [(r["feature_space"], r["fid"], r["steps"], r["n_ref"]) for r in rows] == [
+        ("inception", 90.0, 7, 40), ("domain", 9.0, 7, 40)]  # fmt: skip
+    assert rows[0]["config_hash"] == P.config_hash(cfg) and rows[0]["epoch"] == P.CODE_EPOCH
