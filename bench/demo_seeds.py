@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         first = out / f"s{args.seeds.split(',')[0]}" / "fp32"
         if first.is_dir() and not (run / "fp32").exists():
             shutil.copytree(first, run / "fp32")  # one teacher for every seed
-        parsed = build_parser().parse_args(["demo", "--out", str(run), "--seed", str(seed), *demo_args])
+        parsed = build_parser().parse_args(["demo", "--out", str(run), "--seed", str(seed), "--force", *demo_args])
         demo_settings = settings(parsed)
         t0 = time.perf_counter()
         parsed.func(parsed)
