@@ -13,23 +13,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import TINY
 
 from bidm import checkpoint
 from bidm.cli import main
 from bidm.config import load_config, save_yaml, to_dict
 from bidm.npz_io import save_samples_npz
 
-TINY = [
-    "data.size=8",
-    "model.ch=32",
-    "model.ch_mult=[1, 2]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[4]",
-    "model.in_channels=1",
-    "model.out_ch=1",
-    "model.resolution=8",
-    "model.dropout=0.0",
-]
 SETS = [arg for o in TINY for arg in ("--set", o)]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import TINY
 
 from bidm import checkpoint, integrity
 from bidm.cli import main
@@ -30,15 +31,7 @@ from bidm.unet import DDIMUNet
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bidm"
 TINY = [
-    "data.size=8",
-    "model.ch=32",
-    "model.ch_mult=[1, 2]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[4]",
-    "model.in_channels=1",
-    "model.out_ch=1",
-    "model.resolution=8",
-    "model.dropout=0.0",
+    *TINY,
     "train.batch_size=8",
     "train.log_every=1",
 ]

@@ -8,21 +8,12 @@ models, one training step, two DDIM steps: the whole file runs in seconds.
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_MODEL
 
 from bidm import checkpoint
 from bidm.cli import main
 from bidm.unet import DDIMUNet, UNetConfig
 
-TINY_MODEL = [
-    "model.ch=32",
-    "model.ch_mult=[1, 2]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[4]",
-    "model.in_channels=1",
-    "model.out_ch=1",
-    "model.resolution=8",
-    "model.dropout=0.0",
-]
 FAST = ["data.size=8", "data.limit=16", "train.batch_size=4", "train.steps=1", "train.log_every=1",
         "binarize.tbs_blocks=2", "sample.steps=2"]  # fmt: skip
 
