@@ -23,11 +23,10 @@ def headline(data: dict) -> str:
     """The issue-9 goal figures: FID(bidm) / FID(best baseline) and the gap against the seed spread."""
     groups = {g["name"]: g for g in P.aggregate(data["rows"], "method")}
     fid = {k: [r["fid"] for r in g["inception"]] for k, g in groups.items() if g["inception"]}
-    if "bidm" not in fid:
-        return ""
+    missing = sorted(set(P_METHODS()) - set(fid))
     baselines = {k: v for k, v in fid.items() if k not in ("fp32", "bidm")}
-    if not baselines:
-        return ""
+    if "bidm" not in fid or not baselines:
+        return f"Not yet measured under this protocol: {', '.join(missing)}.\n" if missing else ""
     best = min(baselines, key=lambda k: P.mean_std(baselines[k])[0])
     (mb, sb), (mx, sx) = P.mean_std(fid["bidm"]), P.mean_std(baselines[best])
     ratio = mb / mx
@@ -40,7 +39,6 @@ def headline(data: dict) -> str:
     )
     if spread is not None:
         text += f"; gap {gap:.1f} vs twice the larger seed std {2 * spread:.1f}"
-    missing = sorted(set(P_METHODS()) - set(fid))
     if missing:
         text += f". Not yet measured under this protocol: {', '.join(missing)}"
     return text + ".\n"
