@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from bidm.config import Config, from_dict, load_config, to_dict
+from bidm.metrics import mean_std
 from bidm.pipeline import (
     ensure_metrics,
     ensure_samples,
@@ -190,13 +191,6 @@ def is_stale(row: dict) -> str | None:
     if row.get("epoch", 0) < CODE_EPOCH:
         return f"code epoch {row.get('epoch', 0)} < {CODE_EPOCH}"
     return None
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, float("nan")
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def _cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol as P  # noqa: E402
 
+from bidm import METHODS  # noqa: E402
+
 RESULTS_MD = P.ROOT / "bench" / "RESULTS.md"
 SECTIONS = {"quality_cifar16": "method", "ablation_cifar16": "variant"}
 
@@ -23,7 +25,7 @@ def headline(data: dict) -> str:
     """The issue-9 goal figures: FID(bidm) / FID(best baseline) and the gap against the seed spread."""
     groups = {g["name"]: g for g in P.aggregate(data["rows"], "method")}
     fid = {k: [r["fid"] for r in g["inception"]] for k, g in groups.items() if g["inception"]}
-    missing = sorted(set(P_METHODS()) - set(fid))
+    missing = sorted(set(METHODS) - set(fid))
     baselines = {k: v for k, v in fid.items() if k not in ("fp32", "bidm")}
     if "bidm" not in fid or not baselines:
         return f"Not yet measured under this protocol: {', '.join(missing)}.\n" if missing else ""
@@ -42,12 +44,6 @@ def headline(data: dict) -> str:
     if missing:
         text += f". Not yet measured under this protocol: {', '.join(missing)}"
     return text + ".\n"
-
-
-def P_METHODS() -> list[str]:
-    from bidm import METHODS
-
-    return sorted(METHODS)
 
 
 def section(name: str, group: str) -> str | None:

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from tiny import TINY as BASE
+from tiny import save_random_teacher
 
-from bidm import checkpoint, cli
+from bidm import cli
 from bidm.analyze import joint_name, layer_groups, read_log, shared_inputs
-from bidm.config import load_config, to_dict
 from bidm.diffusion import alphas_cumprod, make_betas
 from bidm.models import load_teacher, student_from_teacher
 from bidm.observe import (
@@ -25,26 +26,16 @@ from bidm.observe import (
 )
 from bidm.pipeline import student_config
 from bidm.qat import resolve_recipe, train_student
-from bidm.unet import DDIMUNet
 from bidm.weight_stats import alpha_table, flip_fraction, layer_diagnostics
 
-TINY = [
-    "data.size=8", "model.ch=32", "model.ch_mult=[1, 2]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
-    "model.in_channels=1", "model.out_ch=1", "model.resolution=8", "model.dropout=0.0", "sample.steps=4",
-]  # fmt: skip
+TINY = [*BASE, "model.attn_resolutions=[]", "sample.steps=4"]
 ACP = alphas_cumprod(make_betas("linear", 1000)).float()
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A random-init FP teacher saved as a bidm run (what it learned does not matter here)."""
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(None, TINY + [f"out_dir={out}"])
-    torch.manual_seed(0)
-    model = DDIMUNet(cfg.model)
-    checkpoint.save(out / checkpoint.CKPT_NAME, model=model.state_dict(), ema=model.state_dict(),
-                    config=to_dict(cfg), step=1)  # fmt: skip
-    return out
+    return save_random_teacher(tmp_path_factory.mktemp("teacher"), TINY[len(BASE) :])
 
 
 def _student_cfg(teacher_dir, out, steps=3):

@@ -4,32 +4,24 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY as BASE
+from tiny import save_random_teacher
 
 from bidm import METHODS, checkpoint
-from bidm.config import load_config, to_dict
+from bidm.config import load_config
 from bidm.models import load_model, load_teacher, student_from_teacher
 from bidm.pipeline import student_config
 from bidm.qat import RECIPES, binarized_layers, resolve_recipe, train_student
 from bidm.sample import generate
 from bidm.tbs import CrossTimestep
-from bidm.unet import DDIMUNet
 
-TINY = [
-    "data.size=8", "model.ch=32", "model.ch_mult=[1, 2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
-    "model.in_channels=1", "model.out_ch=1", "model.resolution=8", "model.dropout=0.0",
-]  # fmt: skip
+TINY = list(BASE)
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A random-init FP teacher saved as a bidm run (training it is not what these tests check)."""
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(None, TINY + [f"out_dir={out}"])
-    torch.manual_seed(0)
-    model = DDIMUNet(cfg.model)
-    checkpoint.save(out / checkpoint.CKPT_NAME, model=model.state_dict(), ema=model.state_dict(),
-                    config=to_dict(cfg), step=1)  # fmt: skip
-    return out
+    return save_random_teacher(tmp_path_factory.mktemp("teacher"), TINY[len(BASE) :])
 
 
 def _student_cfg(teacher_dir, method, out, steps=2):

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY as BASE
 
 from bidm import checkpoint
 from bidm.config import load_config
@@ -14,19 +15,7 @@ from bidm.errors import CheckpointError, TrainingDiverged
 from bidm.train import BatchOrder, EpsObjective, run, schedule
 from bidm.unet import DDIMUNet
 
-TINY = [
-    "data.size=8",
-    "model.ch=32",
-    "model.ch_mult=[1, 2]",
-    "model.num_res_blocks=1",
-    "model.attn_resolutions=[4]",
-    "model.in_channels=1",
-    "model.out_ch=1",
-    "model.resolution=8",
-    "model.dropout=0.1",
-    "train.batch_size=16",
-    "train.log_every=2",
-]
+TINY = [*BASE, "model.dropout=0.1", "train.batch_size=16", "train.log_every=2"]
 
 
 def _train_cmd(out, steps, resume=False):

@@ -150,3 +150,11 @@ def inception_score(probs: np.ndarray, splits: int = 10, *, logits: bool = False
         kl = (xlogy(part, part) - xlogy(part, py)).sum(axis=1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) of a metric over seeds; the std is NaN for one value."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5

@@ -175,13 +175,6 @@ def load_spread(path, current: dict) -> dict | None:
     return out
 
 
-def _std(values: list[float]) -> float | None:
-    if len(values) < 2:
-        return None
-    m = sum(values) / len(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
 def ranking_sentence(rows: list[dict], spread: dict | None) -> str:
     """One sentence: which binary method won (domain FID, lower is better), by how much, against the seed spread."""
     fids = {r["method"]: r["fid"] for r in rows if r["feature_space"] == "domain" and r["fid"] is not None}
@@ -193,8 +186,10 @@ def ranking_sentence(rows: list[dict], spread: dict | None) -> str:
         f"**{best}** has the best domain FID of the binary students: {best_fid:.2f} against {second_fid:.2f} for "
         f"{second} ({best_fid - second_fid:+.2f}, ratio {best_fid / second_fid:.2f})"
     )
-    stds = [_std(spread["fid"].get(m, [])) for m in (best, second)] if spread else []
-    stds = [s for s in stds if s is not None]
+    from bidm.metrics import mean_std
+
+    runs = [spread["fid"].get(m, []) for m in (best, second)] if spread else []
+    stds = [mean_std(fids)[1] for fids in runs if len(fids) >= 2]
     if not stds:
         return text + "; no seed spread has been measured for these settings (`python bench/demo_seeds.py`)."
     sd = max(stds)
