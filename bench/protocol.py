@@ -98,7 +98,7 @@ def config_hash(cfg: Config) -> str:
     d = to_dict(cfg)
     d.pop("out_dir", None)
     d["data"].pop("path", None)
-    for key in ("log_every", "ckpt_every"):
+    for key in ("log_every", "ckpt_every", "device"):
         d["train"].pop(key, None)
     b = d["binarize"]
     b.pop("teacher", None)

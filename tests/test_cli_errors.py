@@ -88,7 +88,7 @@ CASES = [
     (["binarize", "--teacher", "{T}", "--method", "nope", "--out", "{N}"], "unknown binarization method"),
     (["binarize", "--teacher", "{T}", "--method", "xnor", "--out", "{N}", "--set", "train.steps=-5"], "train.steps"),
     # sample
-    (["sample", "{S}", "--n", "0", "--out", "{N}"], "argument --n: must be an integer >= 1"),
+    (["sample", "{S}", "--n", "0", "--out", "{N}"], "argument --n/--num-samples: must be an integer >= 1"),
     (["sample", "{S}", "--n", "-3", "--out", "{N}"], "argument --n"),
     (["sample", "{S}", "--steps", "0", "--out", "{N}"], "argument --steps"),
     (["sample", "{S}", "--batch-size", "0", "--out", "{N}"], "argument --batch-size"),

@@ -181,8 +181,8 @@ def test_binarize_refuses_a_teacher_directory_as_output(tmp_path, capsys):
 class PoisonWeights(EpsObjective):
     """A finite loss, then an inf weight (as after an update with a huge lr) from step 3 on."""
 
-    def forward(self, model, x0, generator):
-        loss, logs = super().forward(model, x0, generator)
+    def forward(self, model, x0, generator, shard=None):
+        loss, logs = super().forward(model, x0, generator, shard)
         if self.step >= 3:
             with torch.no_grad():
                 next(model.parameters()).view(-1)[0] = float("inf")

@@ -79,8 +79,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     model = DDIMUNet(cfg.model)
 
     class PoisonAfter(EpsObjective):
-        def forward(self, model, x0, generator):
-            loss, logs = super().forward(model, x0, generator)
+        def forward(self, model, x0, generator, shard=None):
+            loss, logs = super().forward(model, x0, generator, shard)
             return (loss * float("nan") if self.calls >= 4 else loss), logs
 
         def before_step(self, model, step, total):
@@ -153,3 +153,41 @@ def test_ema_follows_the_model_to_its_device():
     model.to("meta")  # stands in for a CUDA device where none exists
     ema.follow(model)
     assert {v.device.type for v in ema.shadow.values()} == {"meta"}
+
+
+def test_student_ema_optimizer_and_tbs_tensors_all_follow_a_non_cpu_device():
+    """The `meta` device stands in for CUDA: nothing of a BiDM student's training state may stay on the CPU."""
+    from bidm.models import student_from_teacher
+    from bidm.tbs import CrossTimestep
+    from bidm.train import EMA, make_optimizer
+
+    cfg = load_config(None, [*BASE, "binarize.method=bidm", "binarize.tbs_blocks=2"])
+    torch.manual_seed(0)
+    student = student_from_teacher(DDIMUNet(cfg.model), cfg)
+    assert isinstance(student, CrossTimestep)
+    ema = EMA(student, 0.999)  # built on the CPU, as `run` does before `accelerator.prepare`
+    cpu_opt = make_optimizer(cfg, [p for p in student.parameters() if p.requires_grad])
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    student(x, t).square().mean().backward()
+    cpu_opt.step()
+    saved = cpu_opt.state_dict()  # what a checkpoint holds
+
+    student.to("meta")
+    ema.follow(student)
+    opt = make_optimizer(cfg, [p for p in student.parameters() if p.requires_grad])
+    opt.load_state_dict(saved)  # the resume path
+    x, t = x.to("meta"), t.to("meta")
+    cache = student.cache_pass(x, t)  # TBS training cache, then the mixed pass
+    out = student(x, t, cache=cache)
+    tensors = {
+        **{f"ema.{k}": v for k, v in ema.shadow.items()},
+        **{f"opt.{i}.{k}": v for i, s in enumerate(opt.state.values()) for k, v in s.items() if torch.is_tensor(v)},
+        **{f"model.{k}": v for k, v in student.state_dict().items()},
+        **{f"cache.{k}": v for k, v in {**cache, **student.last_cache()}.items()},
+        "out": out,
+    }
+    left = sorted(
+        k for k, v in tensors.items() if v.device.type != "meta" and not (k.endswith(".step") and v.dim() == 0)
+    )
+    assert len(opt.state) > 0 and len(cache) > 0
+    assert left == [], left

@@ -52,6 +52,7 @@ class TrainConfig:
     log_every: int = num(25, gt=0)
     ckpt_every: int = num(500, gt=0)
     mixed_precision: str = choice("no", ("no", "fp16", "bf16"))  # passed to accelerate
+    device: str = "auto"  # auto (Accelerate's: the process's GPU, else CPU) | cpu | cuda (an error where absent)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from bidm.diffusion import eps_loss, q_sample
 from bidm.errors import ConfigError
+from bidm.shard import BatchShard, global_vector_norm, whole
 from bidm.tbs import CrossTimestep
 
 # ---------------------------------------------------------------------------------------------- feature taps
@@ -121,7 +122,7 @@ def normalized_relation(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
     """
     patches = gather_patches(feat, rows, cols)  # [B, C, pr, pc, hr, hc]
     gram = patches @ patches.transpose(-1, -2)  # [B, C, pr, pc, hr, hr]
-    norm = torch.linalg.vector_norm(gram, dim=(0, 1, 4, 5), keepdim=True)  # [1, 1, pr, pc, 1, 1]
+    norm = global_vector_norm(gram, dim=(0, 1, 4, 5), keepdim=True)  # [1, 1, pr, pc, 1, 1], over the global batch
     return gram / torch.where(norm > 0, norm, torch.ones_like(norm))  # an all-zero map stays 0
 
 
@@ -131,6 +132,8 @@ def spd_loss(
     """BiDM's Space Patched Distillation (module docstring); returns a float32 scalar.
 
     ``per_axis=False`` (faithful) takes patch starts and size from W for both axes; ``True`` uses H for rows.
+    Each patch loss is a norm over the batch too (as the official code's); under data parallelism it is the norm
+    over the global batch (`bidm.shard.global_vector_norm`).
     """
     _check_pairs(student_feats, teacher_feats)
     total = student_feats[0].new_zeros((), dtype=torch.float32)
@@ -147,7 +150,7 @@ def spd_loss(
             s, t = F.pad(s, (0, 0, 0, pad_h)), F.pad(t, (0, 0, 0, pad_h))
         rows, cols = rows.to(s.device), cols.to(s.device)
         diff = normalized_relation(s, rows, cols) - normalized_relation(t, rows, cols)
-        total = total + torch.linalg.vector_norm(diff, dim=(0, 1, 4, 5)).sum()  # sum of the p*p patch losses
+        total = total + global_vector_norm(diff, dim=(0, 1, 4, 5)).sum()  # sum of the p*p patch losses
     return total / (len(student_feats) * p * p)
 
 
@@ -179,7 +182,8 @@ def sample_timesteps(
 class DistillObjective(nn.Module):
     """BiDM's training step (reference §3 "Training with random t", §4 "Total loss"); an objective of `bidm.train`.
 
-    ``objective(model, x0, generator) -> (loss, logs)`` with logs {"loss", "simple", "spd" | "feat", "kd"}, where
+    ``objective(model, x0, generator, shard=None) -> (loss, logs)`` with logs {"loss", "simple", "spd" | "feat",
+    "kd"}, where
     ``model`` is the student: a `CrossTimestep`-wrapped or a plain UNet, possibly inside a DDP/Accelerate wrapper
     (reached through ``.module``); it needs ``feature_blocks()`` when a feature loss is on.
         1. t ~ U{0..T-1} (or antithetic), then eps ~ N(0, I), both from ``generator`` (so a resume is exact).
@@ -289,21 +293,24 @@ class DistillObjective(nn.Module):
         return LOSSES[self.feature_loss](student_feats, teacher_feats)
 
     def forward(
-        self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator, shard: BatchShard | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         student = getattr(model, "module", model)  # DDP/Accelerate wrap: hooks and attributes live on the module
         use_cache = self._use_cache(student)
         self._tap_student(student)
+        shard = shard or whole(x0)
 
-        # 1. all randomness from the generator, drawn on its device, then moved
-        t = sample_timesteps(x0.shape[0], self.num_timesteps, generator, antithetic=self.antithetic)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+        # 1. all randomness from the generator, drawn for the global batch on its device, then this process's rows
+        t = shard.take(sample_timesteps(shard.n, self.num_timesteps, generator, antithetic=self.antithetic))
+        noise = shard.randn(tuple(x0.shape[1:]), generator).to(x0)
         t = t.to(x0.device)
 
         # 2. training cache from t' (no grad, no mix, same eps)
         cache = None
         if use_cache:
-            x_cache, t_cache = student.cache_input(x0, q_sample(x0, t, noise, self.acp), t, noise, self.acp, generator)
+            x_cache, t_cache = student.cache_input(
+                x0, q_sample(x0, t, noise, self.acp), t, noise, self.acp, generator, shard
+            )
             cache = student.cache_pass(x_cache, t_cache)
 
         # 3.-4. x_t and the teacher

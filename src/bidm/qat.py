@@ -82,8 +82,8 @@ class QATObjective(nn.Module):
             self._flip_ratio = flipped / max(sum(s.numel() for s in signs), 1)
         self._signs = signs
 
-    def forward(self, model, x0, generator):
-        loss, logs = self.distill(model, x0, generator)
+    def forward(self, model, x0, generator, shard=None):
+        loss, logs = self.distill(model, x0, generator, shard)
         logs["flip_ratio"] = self._flip_ratio
         return loss, logs
 

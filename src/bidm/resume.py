@@ -23,6 +23,7 @@ APPLIED = {
     "train.ema_decay": "used from the next EMA update",
     "train.log_every": "used from the next step",
     "train.ckpt_every": "used from the next step",
+    "train.device": "the run continues on the new device",
 }
 RECORDED = "sample."  # sampling defaults: recorded in the run's config, not used by training
 IGNORED = {"out_dir"}  # a run directory may be moved or named differently

@@ -11,6 +11,7 @@ from bidm.config import Config, updated
 from bidm.diffusion import ddim_sample, initial_noise
 from bidm.errors import BidmError
 from bidm.npz_io import images_to_uint8
+from bidm.shard import chunks
 from bidm.train import schedule
 
 
@@ -40,6 +41,8 @@ def generate(
     seed: int | None = None,
     clip_x0: bool | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> np.ndarray:
     """``n`` images as uint8 NHWC. Image i always starts from the same x_T for a seed (`initial_noise`), so every
     model sampled with the same seed is compared from the same noise. Unset (None) arguments come from
@@ -47,6 +50,10 @@ def generate(
 
     Raises `NonFiniteSamples` when the weights or any generated image hold NaN/inf, instead of writing them as
     black or white images.
+
+    ``rank`` / ``world`` (data-parallel sampling): this process generates only the chunks `bidm.shard.chunks` gives
+    it, and returns them in order (an empty array if none); chunk k and its noise are those of a single process, so
+    gathering every process's chunks in chunk order gives exactly the single-process images.
     """
     s = updated(cfg.sample, "sample", n=n, batch_size=batch_size, steps=steps, eta=eta, skip=skip, seed=seed,
                 clip_x0=clip_x0)  # fmt: skip
@@ -58,7 +65,7 @@ def generate(
     x_T = initial_noise(n, shape, seed)
     model.eval()
     out = []
-    for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress):
+    for start in tqdm(chunks(n, batch_size, rank, world), desc="sample", disable=not progress):
         generator = torch.Generator().manual_seed(seed * 7_919 + start)
         x0 = ddim_sample(
             model,
@@ -77,4 +84,6 @@ def generate(
                 "diverged or overflows); no samples written"
             )
         out.append(images_to_uint8(x0))
+    if not out:
+        return np.zeros((0, shape[1], shape[2], shape[0]), dtype=np.uint8)
     return np.concatenate(out)

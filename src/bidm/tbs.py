@@ -58,6 +58,7 @@ import torch.nn as nn
 
 from bidm.diffusion import q_sample
 from bidm.errors import ConfigError
+from bidm.shard import BatchShard, whole
 
 Cache = dict[str, torch.Tensor]
 CACHE_NOISE = ("same", "forward")
@@ -253,16 +254,18 @@ class CrossTimestep(nn.Module):
         eps: torch.Tensor,
         acp: torch.Tensor,
         generator: torch.Generator,
+        shard: BatchShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_{t'}, t') of the training cache pass for x_t = q_sample(x0, t, eps): ``cache_noise="same"`` gives
         q_sample(x0, t', eps); ``"forward"`` gives sqrt(r) x_t + sqrt(1 - r) z, r = a_{t'} / a_t, z ~ N(0, I)
-        drawn from ``generator`` (on its device)."""
+        drawn from ``generator`` (on its device) for the global batch of ``shard`` (default: x_t is the whole
+        batch), this process's rows kept."""
         t_cache = self.cache_timestep(t)
         if self.cache_noise == "same":
             return q_sample(x0, t_cache, eps, acp), t_cache
         a = acp.to(x_t.device)
         ratio = (a[t_cache] / a[t]).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        z = torch.randn(x_t.shape, generator=generator, device=generator.device).to(x_t)
+        z = (shard or whole(x_t)).randn(tuple(x_t.shape[1:]), generator).to(x_t)
         return ratio.sqrt() * x_t + (1 - ratio).sqrt() * z, t_cache
 
     @torch.no_grad()

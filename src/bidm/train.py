@@ -1,13 +1,20 @@
 """The one training loop (FP teachers and binarized students alike), on HF Accelerate.
 
-The loop knows nothing about binarization: it calls an *objective* ``objective(model, x0, generator) -> (loss,
-logs)``, steps Adam/AdamW with gradient clipping, updates an EMA, logs (tqdm, TensorBoard, ``log.jsonl``) and
+The loop knows nothing about binarization: it calls an *objective* ``objective(model, x0, generator, shard) ->
+(loss, logs)``, steps Adam/AdamW with gradient clipping, updates an EMA, logs (tqdm, TensorBoard, ``log.jsonl``) and
 checkpoints atomically. A run directory is locked while a run writes it (`bidm.lock`); a resumed run checks the new
 config against the stored one (`bidm.resume`) and drops ``log.jsonl`` entries past the checkpoint. Exact resume:
 every random draw of step k comes from generators seeded by (seed, step), and the data order of epoch e from
 (seed, e), so a run killed and resumed from its last checkpoint ends bit-identical (on CPU) to an uninterrupted
 one; nothing but weights, EMA, optimizer state and the step needs saving. Weights or EMA holding NaN/inf are never
 saved (`TrainingDiverged`; the last good checkpoint stays).
+
+Data parallel (``accelerate launch`` / ``torchrun``): process r of W trains on rows r, r+W, ... of each global batch
+(`bidm.shard.BatchShard`), gradients are averaged by DDP, and t, eps and every other per-sample draw come from a
+generator seeded alike on every process and drawn for the whole global batch, so a run's weights do not depend on
+the process count (up to float summation order) and it resumes on any number of processes. Only dropout masks are
+drawn per process. The frozen teacher lives in the objective, which is never wrapped for gradient sync. EMA, logs
+and checkpoints are on the main process; the logged values are global-batch means.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from bidm.config import Config, from_dict, save_yaml, to_dict
 from bidm.diffusion import alphas_cumprod, eps_loss, make_betas, q_sample
 from bidm.errors import BidmError, CheckpointError, ConfigError, TrainingDiverged
 from bidm.fileio import atomic_write_text
+from bidm.shard import BatchShard, whole
 
 
 class EpsObjective(nn.Module):
@@ -37,9 +45,10 @@ class EpsObjective(nn.Module):
         self.register_buffer("acp", acp, persistent=False)
         self.reduction, self.kind = reduction, kind
 
-    def forward(self, model, x0, generator):
-        t = torch.randint(0, len(self.acp), (x0.shape[0],), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    def forward(self, model, x0, generator, shard: BatchShard | None = None):
+        shard = shard or whole(x0)
+        t = shard.take(torch.randint(0, len(self.acp), (shard.n,), generator=generator)).to(x0.device)
+        eps = shard.randn(tuple(x0.shape[1:]), generator).to(x0.device)
         loss = eps_loss(model(q_sample(x0, t, eps, self.acp), t), eps, self.reduction, self.kind)
         return loss, {"loss": loss.item()}
 
@@ -119,7 +128,7 @@ def trim_log(text: str, step: int) -> str:
     return "".join(kept)
 
 
-def _restore(ck, cfg: Config, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> list[str]:
+def _restore(ck, cfg: Config, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer) -> list[str]:
     """Load a checkpoint into the run after checking the config change (`bidm.resume`); returns the notes."""
     from bidm.resume import check_resume
     from bidm.unet import load_state_dict_reporting
@@ -128,10 +137,11 @@ def _restore(ck, cfg: Config, model: nn.Module, ema: EMA, optimizer: torch.optim
     if ck.optimizer is None:
         raise CheckpointError(f"{ck.path} holds no optimizer state, so it cannot be resumed exactly")
     load_state_dict_reporting(model, ck.model, source=str(ck.path))
-    ema_state = ck.weights(use_ema=True)
-    if set(ema_state) != set(ema.shadow):
-        raise CheckpointError(f"{ck.path}: its EMA tensors do not match the model's state dict")
-    ema.shadow = {k: v.clone() for k, v in ema_state.items()}
+    if ema is not None:  # the main process keeps the EMA
+        ema_state = ck.weights(use_ema=True)
+        if set(ema_state) != set(ema.shadow):
+            raise CheckpointError(f"{ck.path}: its EMA tensors do not match the model's state dict")
+        ema.shadow = {k: v.clone() for k, v in ema_state.items()}
     fresh = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ck.optimizer)
@@ -140,6 +150,20 @@ def _restore(ck, cfg: Config, model: nn.Module, ema: EMA, optimizer: torch.optim
     for group, values in zip(optimizer.param_groups, fresh):  # the config's lr / weight decay, not the stored ones
         group.update(values)
     return notes
+
+
+def use_cpu(device: str) -> bool:
+    """``train.device`` -> Accelerate's ``cpu`` flag; asking for CUDA where there is none is an error, not a silent
+    fall-back to the CPU. (Which GPU a process gets is the launcher's choice: ``LOCAL_RANK``.)"""
+    if device == "auto":
+        return not torch.cuda.is_available()
+    if device == "cpu":
+        return True
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but CUDA is not available here (use auto or cpu)")
+        return False
+    raise ConfigError(f"train.device must be auto, cpu or cuda, got {device!r}")
 
 
 def run(
@@ -162,7 +186,7 @@ def run(
         raise BidmError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output directory")
     torch.manual_seed(cfg.train.seed)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=use_cpu(cfg.train.device),
         mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard",
         project_dir=str(out_dir),
@@ -180,12 +204,15 @@ def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resum
         raise BidmError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output directory")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    ema = EMA(model, t.ema_decay)
+    main = accelerator.is_main_process
+    ema = EMA(model, t.ema_decay) if main else None  # EMA, logs and checkpoints live on the main process only
     start = 0
     if resume and ckpt_path.exists():
         ck = checkpoint.load(ckpt_path)
         notes = _restore(ck, cfg, model, ema, optimizer)
-        start = ema.num_updates = ck.step
+        start = ck.step
+        if ema is not None:
+            ema.num_updates = start
         if start > t.steps:
             raise ConfigError(
                 f"{ckpt_path} is at step {start}, past train.steps={t.steps}: raise train.steps to go on"
@@ -202,21 +229,24 @@ def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resum
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = objective.to(accelerator.device)
     raw_model = accelerator.unwrap_model(model)
-    ema.follow(raw_model)  # built (and resumed) from the model before prepare moved it
-    if accelerator.is_main_process:
+    if ema is not None:
+        ema.follow(raw_model)  # built (and resumed) from the model before prepare moved it
+    if main:
         save_yaml(cfg, out_dir / "config.yaml")
     accelerator.init_trackers("tensorboard")
     rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({accelerator.device}), global batch "
+                      f"{t.batch_size}")  # fmt: skip
     order = BatchOrder(len(images), t.batch_size, t.seed)
 
     def save(step: int) -> None:
-        bad = checkpoint.first_nonfinite(raw_model.state_dict()) or checkpoint.first_nonfinite(ema.shadow)
+        bad = checkpoint.first_nonfinite(raw_model.state_dict()) or (ema and checkpoint.first_nonfinite(ema.shadow))
         if bad is not None:
             raise TrainingDiverged(
                 f"tensor {bad!r} holds NaN/inf after step {step} (the weights diverged); not saved. The last good "
                 f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower train.lr."
             )
-        if accelerator.is_main_process:
+        if main:
             checkpoint.save(
                 ckpt_path,
                 model=raw_model.state_dict(),
@@ -227,32 +257,34 @@ def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resum
                 extra_meta=extra_meta,
             )
 
-    log_file = open(log_path, "a") if accelerator.is_main_process else None
+    log_file = open(log_path, "a") if main else None
     try:
-        bar = tqdm(
-            range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not accelerator.is_main_process
-        )
+        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", disable=not main)
         tick = time.perf_counter()
         for step in bar:
-            torch.manual_seed(step_seed(t.seed, step, rank))  # dropout and any other global-RNG draw
-            generator = torch.Generator().manual_seed(step_seed(t.seed, step, rank) + 1)
-            x0 = images[order.indices(step)[rank::world]].to(accelerator.device)
+            torch.manual_seed(step_seed(t.seed, step, rank))  # dropout masks: the one per-process draw
+            generator = torch.Generator().manual_seed(step_seed(t.seed, step) + 1)  # t, eps, ...: global (shard)
+            shard = BatchShard(t.batch_size, rank, world)
+            x0 = images[shard.take(order.indices(step))].to(accelerator.device)
             if hasattr(objective, "before_step"):
                 objective.before_step(raw_model, step, t.steps)
             model.train()
-            loss, logs = objective(model, x0, generator)
+            loss, logs = objective(model, x0, generator, shard)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at step {step}; stopped without saving. The last good checkpoint "
                     f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower train.lr or check the data."
                 )
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            # DDP averages the processes' gradients; weight each by its rows so unequal shards give the global mean
+            accelerator.backward(loss * (shard.size * world / shard.n) if shard.n % world else loss)
             if t.grad_clip > 0:
                 logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, t.grad_clip))
             optimizer.step()
-            ema.update(raw_model)
+            if ema is not None:
+                ema.update(raw_model)
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                logs = _global_mean(accelerator, logs, shard)
                 logs["step_time_s"] = (time.perf_counter() - tick) / t.log_every
                 tick = time.perf_counter()
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -265,8 +297,19 @@ def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resum
     finally:
         if log_file:
             log_file.close()
+    accelerator.wait_for_everyone()  # the checkpoint is complete before any process returns
     accelerator.end_training()
     return ckpt_path
+
+
+def _global_mean(accelerator, logs: dict[str, float], shard: BatchShard) -> dict[str, float]:
+    """The logged values as means over the global batch (each process's value weighted by its rows)."""
+    if shard.world == 1:
+        return logs
+    keys = sorted(logs)
+    local = torch.tensor([float(logs[k]) * shard.size for k in keys] + [float(shard.size)], dtype=torch.float64)
+    total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+    return {k: float(v / total[-1]) for k, v in zip(keys, total[:-1])}
 
 
 def train_teacher(cfg: Config, *, resume: bool = False) -> Path:

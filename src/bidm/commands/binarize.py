@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bidm.commands.common import add_config_args, check_outputs, config_from_args, run_outputs
+from bidm.shard import is_main_process
 
 
 def add_parser(sub) -> None:
@@ -55,5 +56,6 @@ def main(args) -> int:
     cfg = build_config(args)
     check_outputs(run_outputs(cfg.out_dir), [cfg.data.path, teacher_input(cfg.binarize.teacher)], force=True)
     path = train_student(cfg, resume=args.resume)
-    print(f"checkpoint: {path}")
+    if is_main_process():
+        print(f"checkpoint: {path}")
     return 0

@@ -10,7 +10,14 @@ from bidm.commands.common import add_force_arg, check_outputs, count, nonnegativ
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample a trained model with DDIM", description=__doc__)
     p.add_argument("model", help="run directory / checkpoint.safetensors, or a packed .safetensors from `bidm export`")
-    p.add_argument("--n", type=count, help="number of images (default: sample.n of the run's config)")
+    p.add_argument(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=count,
+        help="number of images (default: sample.n of the run's config); under torchrun write "
+        "--num-samples (torchrun's own parser takes --n for its --nnodes)",
+    )
     p.add_argument("--batch-size", type=count)
     p.add_argument("--steps", type=count, help="DDIM steps (default: sample.steps of the run's config)")
     p.add_argument("--eta", type=nonnegative)
@@ -18,6 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, help="x_T seed; the same seed gives every model the same x_T")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--out", help="output directory (default: the run directory)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default): this process's accelerator device (CUDA under `torchrun`/`accelerate "
+        "launch`, else CPU) for checkpoints, the CPU for packed files; or cpu, cuda, cuda:N",
+    )
     add_force_arg(p)
     p.set_defaults(func=main)
 
@@ -36,14 +49,25 @@ def load_any(path: str, use_ema: bool = True):
 
 
 def main(args) -> int:
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
     from bidm.checkpoint import resolve
     from bidm.npz_io import save_grid, save_samples_npz
     from bidm.sample import generate
 
+    # the process group of `torchrun` / `accelerate launch`, or a single process
+    state = PartialState(cpu=not torch.cuda.is_available())
     src = Path(args.model)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
     check_outputs([out / "samples.npz", out / "samples.png"], [resolve(src)], force=args.force)
     model, cfg = load_any(args.model, use_ema=not args.raw)
+    from bidm.export import is_packed
+
+    packed = any(is_packed(m) for m in model.modules())
+    model = model.to(pick_device(args.device, state, packed=packed))
+    rank, world = state.process_index, state.num_processes
     images = generate(
         model,
         cfg,
@@ -53,8 +77,43 @@ def main(args) -> int:
         eta=args.eta,
         skip=args.skip,
         seed=args.seed,
+        progress=state.is_main_process,
+        rank=rank,
+        world=world,
     )
-    save_samples_npz(out / "samples.npz", images)
-    save_grid(images[:64], out / "samples.png")
-    print(f"{len(images)} samples: {out / 'samples.npz'}, grid: {out / 'samples.png'}")
+    if world > 1:  # chunk k was made by process k mod world: interleave the processes' chunks back into order
+        parts = sorted(gather_object([(rank, images)]), key=lambda x: x[0])
+        images = interleave([p for _, p in parts], args.batch_size or cfg.sample.batch_size)
+    if state.is_main_process:
+        save_samples_npz(out / "samples.npz", images)
+        save_grid(images[:64], out / "samples.png")
+        print(f"{len(images)} samples ({world} process{'es' if world > 1 else ''}): {out / 'samples.npz'}, "
+              f"grid: {out / 'samples.png'}")  # fmt: skip
+    state.wait_for_everyone()
     return 0
+
+
+def pick_device(choice: str, state, *, packed: bool):
+    """The device to sample on: ``auto`` is the process's accelerator device, except packed files (CPU kernels)."""
+    import torch
+
+    from bidm.errors import BidmError
+
+    if choice == "auto":
+        return torch.device("cpu") if packed else state.device
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BidmError(f"--device {choice}: CUDA is not available here")
+    if packed and device.type != "cpu":
+        raise BidmError("packed files run on the CPU bit kernels: sample them with --device cpu (or auto)")
+    return device
+
+
+def interleave(parts, batch_size: int):
+    """Process r's images are chunks r, r + W, ... of ``batch_size`` images each: merge them into chunk order."""
+    import numpy as np
+
+    world = len(parts)
+    split = [[p[i : i + batch_size] for i in range(0, len(p), batch_size)] for p in parts]
+    ordered = [split[k % world][k // world] for k in range(sum(len(s) for s in split))]
+    return np.concatenate(ordered)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bidm.commands.common import add_config_args, check_outputs, config_from_args, run_outputs
+from bidm.shard import is_main_process
 
 
 def add_parser(sub) -> None:
@@ -18,5 +19,6 @@ def main(args) -> int:
     cfg = config_from_args(args)
     check_outputs(run_outputs(cfg.out_dir), [cfg.data.path], force=True)  # existing: --resume decides
     path = train_teacher(cfg, resume=args.resume)
-    print(f"checkpoint: {path}")
+    if is_main_process():
+        print(f"checkpoint: {path}")
     return 0
