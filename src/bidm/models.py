@@ -60,6 +60,7 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
             cache_noise=b.train_cache_noise,
             sample_cache=b.tbs_sample_cache,
             sampler_steps=cfg.sample.steps,
+            table_columns=b.tbs_table_columns,
         )
     return unet
 
