@@ -80,7 +80,8 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[nn.Module, Co
 
 
 def load_teacher(spec: str | Path, model_cfg: UNetConfig) -> tuple[nn.Module, UNetConfig]:
-    """The frozen FP teacher from a bidm run/checkpoint, an official DDIM ``.ckpt`` or a diffusers directory.
+    """The frozen FP teacher from a bidm run/checkpoint, an official DDIM ``.ckpt``, an official LDM ``.ckpt``
+    (``model_cfg.arch == "ldm"``; a missing file names the official release) or a diffusers directory.
 
     Returns (teacher in eval mode with grads off, the UNetConfig the student must use).
     """
@@ -91,6 +92,11 @@ def load_teacher(spec: str | Path, model_cfg: UNetConfig) -> tuple[nn.Module, UN
         teacher, cfg = load_model(spec, use_ema=True)
         if cfg.binarize.method != "none":
             raise CheckpointError(f"{spec} is a binarized ({cfg.binarize.method}) model, not an FP teacher")
+    elif model_cfg.arch == "ldm":  # an official LatentDiffusion .ckpt (model.diffusion_model.*)
+        from bidm.ldm.official import convert_unet_state_dict, read_ckpt
+
+        teacher = build_unet(model_cfg)
+        load_state_dict_reporting(teacher, convert_unet_state_dict(read_ckpt(spec)), source=str(spec))
     elif spec.is_file():
         teacher = build_unet(model_cfg)
         load_state_dict_reporting(teacher, read_official_state_dict(spec), source=str(spec))

@@ -57,6 +57,11 @@ def generate(
     acp = schedule(cfg).to(device)
     x_T = initial_noise(n, shape, seed)
     model.eval()
+    decoder = None
+    if cfg.first_stage.kind != "none":  # latent diffusion: DDIM runs on latents, the first stage decodes them
+        from bidm.ldm.first_stage import load_first_stage
+
+        decoder = load_first_stage(cfg.first_stage).to(device)
     out = []
     for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress):
         generator = torch.Generator().manual_seed(seed * 7_919 + start)
@@ -76,5 +81,5 @@ def generate(
                 f"sampling produced {bad} NaN/inf values in images {start}..{start + len(x0) - 1} (the model "
                 "diverged or overflows); no samples written"
             )
-        out.append(images_to_uint8(x0))
+        out.append(images_to_uint8(x0 if decoder is None else decoder.decode(x0)))
     return np.concatenate(out)

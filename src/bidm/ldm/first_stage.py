@@ -158,8 +158,8 @@ def resolve_scale_factor(cfg: FirstStageConfig, from_file: float | None) -> floa
     return None if cfg.scale_by_std else 1.0
 
 
-def load_first_stage(cfg: FirstStageConfig, *, scale_factor: float | None = None) -> FirstStage:
-    """The frozen first stage of ``cfg``, its weights from ``cfg.ckpt`` (every key must load)."""
+def load_autoencoder(cfg: FirstStageConfig) -> tuple[nn.Module, float | None]:
+    """(the frozen diffusers autoencoder of ``cfg`` with the weights of ``cfg.ckpt``, the file's scale_factor)."""
     from bidm.unet import load_state_dict_reporting
 
     if cfg.kind == "none":
@@ -172,8 +172,19 @@ def load_first_stage(cfg: FirstStageConfig, *, scale_factor: float | None = None
     model = build_autoencoder(cfg)
     state, from_file = read_weights(cfg.ckpt, model)
     load_state_dict_reporting(model, state, source=f"first stage {cfg.ckpt}")
-    scale = scale_factor if scale_factor is not None else resolve_scale_factor(cfg, from_file)
-    return FirstStage(model, cfg.kind, 1.0 if scale is None else scale)
+    return model.eval().requires_grad_(False), from_file
+
+
+def load_first_stage(cfg: FirstStageConfig) -> FirstStage:
+    """The frozen first stage of ``cfg`` with its resolved scale_factor (`resolve_scale_factor`)."""
+    model, from_file = load_autoencoder(cfg)
+    scale = resolve_scale_factor(cfg, from_file)
+    if scale is None:
+        raise ConfigError(
+            "first_stage.scale_factor is unknown: the checkpoint has none and scale_by_std estimates it at the "
+            "start of training (set first_stage.scale_factor, or sample a trained run whose config holds it)"
+        )
+    return FirstStage(model, cfg.kind, scale)
 
 
 def estimate_scale_factor(first_stage: FirstStage, images: torch.Tensor, generator: torch.Generator) -> float:
