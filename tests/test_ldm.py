@@ -367,3 +367,22 @@ def test_cli_train_latent_teacher_then_xnor_student_resumes(tmp_path):
     a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
     assert a.config["first_stage"]["kind"] == "vq"  # inherited from the teacher run
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)  # streamed + resumed = uninterrupted
+
+
+def test_ldm_quality_bench_smoke(tmp_path):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("ldm_quality", ROOT / "bench/ldm_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "rows.json"
+    assert bench.main(["--smoke", "--out", str(tmp_path / "runs"), "--results", str(results), "--threads", "1"]) == 0
+    rows = json.loads(results.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"fp32", "xnor", "bidm"}
+    assert all(r["feature_space"] == "domain" and math.isfinite(r["fid"]) and "first_stage_psnr" in r for r in rows)
+    with np.load(tmp_path / "runs/bidm_s0/samples.npz") as z:
+        assert z["arr_0"].shape == (16, 16, 16, 3)  # decoded 16x16 RGB digits, not 8x8 latents
+    saved = yaml.safe_load((tmp_path / "runs/teacher/config.yaml").read_text())
+    assert saved["first_stage"]["scale_factor"] > 0  # scale_by_std resolved and recorded

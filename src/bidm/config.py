@@ -65,6 +65,8 @@ class BinarizeConfig:
     # per-method options, used only when that method is the one run (a recipe can serve every method):
     # {"bidm": {"shortcut_scale_init": 0.0}}; ``options`` wins over them
     method_options: dict = field(default_factory=dict)
+    # ResBlock 1x1 skip convs: fp (official code, default) | binary (W1A1, as the paper's Table 4 size counts them)
+    skip_convs: str = choice("fp", ("fp", "binary"))
     teacher: str | None = None  # FP teacher: a bidm run dir / checkpoint, an official .ckpt, or a diffusers dir
     # TBS cross-timestep connection (BiDM only by default; see bidm.tbs)
     tbs: bool = True

@@ -30,6 +30,17 @@ def method_options(cfg: Config) -> dict:
     return {**per_method, **b.options}
 
 
+def layer_filter(cfg: Config):
+    """Which layers `binarize_` swaps: the paper protocol (`bidm.binarize.default_filter`), plus the ResBlock skip
+    convs when ``binarize.skip_convs == "binary"`` (the paper's size count treats them as 1-bit, reference §7)."""
+    from bidm.binarize import FP_KEPT, SKIP_CONVS, default_filter, matches
+
+    if cfg.binarize.skip_convs == "fp":
+        return default_filter
+    kept = tuple(p for p in FP_KEPT if p not in SKIP_CONVS)
+    return lambda module, name: not matches(name, kept)
+
+
 def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
     """The student: ``binarize_`` on the given FP UNet (in place), plus the TBS wrapper for BiDM."""
     from bidm.binarize import binarize_
@@ -39,7 +50,7 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
     res, ch = cfg.model.resolution, cfg.model.in_channels
     device = next(unet.parameters()).device
     example = (torch.zeros(1, ch, res, res, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    binarize_(unet, cfg.binarize.method, example_inputs=example, **method_options(cfg))
+    binarize_(unet, cfg.binarize.method, filter_fn=layer_filter(cfg), example_inputs=example, **method_options(cfg))
     if uses_tbs(cfg):
         from bidm.tbs import CrossTimestep
 
