@@ -386,3 +386,14 @@ def test_ldm_quality_bench_smoke(tmp_path):
         assert z["arr_0"].shape == (16, 16, 16, 3)  # decoded 16x16 RGB digits, not 8x8 latents
     saved = yaml.safe_load((tmp_path / "runs/teacher/config.yaml").read_text())
     assert saved["first_stage"]["scale_factor"] > 0  # scale_by_std resolved and recorded
+
+
+def test_skip_convs_binary_follows_the_paper_size_rule():
+    from bidm.binarize import BinaryLayer
+    from bidm.models import build_model
+
+    name = "output_blocks.0.0.skip_connection"
+    fp = build_model(_cfg([*TINY_LDM, "binarize.method=xnor"]))
+    binary = build_model(_cfg([*TINY_LDM, "binarize.method=xnor", "binarize.skip_convs=binary"]))
+    assert type(fp.get_submodule(name)) is nn.Conv2d and isinstance(binary.get_submodule(name), BinaryLayer)
+    assert type(binary.get_submodule("input_blocks.0.0")) is nn.Conv2d  # the first conv stays FP either way

@@ -46,7 +46,7 @@ class Moments(Dataset):
     """Rows of a cached ``moments.npy`` (memory-mapped), as float tensors."""
 
     def __init__(self, file: Path):
-        self.array = np.load(file, mmap_mode="r")
+        self.array = np.load(file, mmap_mode="r", allow_pickle=False)
 
     def __len__(self) -> int:
         return len(self.array)
