@@ -18,7 +18,7 @@ import protocol as P  # noqa: E402
 from bidm import METHODS  # noqa: E402
 
 RESULTS_MD = P.ROOT / "bench" / "RESULTS.md"
-SECTIONS = {"quality_cifar16": "method", "ablation_cifar16": "variant"}
+SECTIONS = {"quality_cifar16": "method", "ablation_cifar16": "variant", "ldm_cpu": "method"}
 
 
 def headline(data: dict) -> str:
@@ -58,11 +58,15 @@ def section(name: str, group: str) -> str | None:
     text = (
         f"Protocol `{proto['name']}`: {proto['dataset']}; teacher `{proto['teacher_config']}`, students "
         f"`{proto['recipe']}`; {proto['n_samples']} samples per model, DDIM {proto['sample_steps']} steps (eta "
-        f"{proto['eta']}, x0 clipped), Inception FID/sFID/precision/recall against {proto['n_ref']} training "
+        f"{proto['eta']}{', x0 clipped' if proto.get('clip_x0', True) else ''}), Inception FID/sFID/precision/recall "
+        f"against {proto['n_ref']} training "
         f"images; domain FID = the small CNN feature space (secondary). mean ± sample std over seeds. "
         f"Rendered from `bench/results/{name}.json` by `bench/render_results.py`. Machines: {'; '.join(machines)}.\n\n"
     )
-    if group == "method":
+    psnr = sorted({r["first_stage_psnr"] for r in rows if r.get("first_stage_psnr") is not None})
+    if psnr:
+        text += f"First-stage reconstruction PSNR on the test images: {', '.join(f'{v:.2f}' for v in psnr)} dB.\n\n"
+    if group == "method" and name == "quality_cifar16":
         text += headline(data) + "\n"
     return text + P.render_markdown(data, group)
 

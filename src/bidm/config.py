@@ -16,6 +16,7 @@ import yaml
 
 from bidm.errors import ConfigError
 from bidm.fields import check, choice, num
+from bidm.ldm.first_stage import FirstStageConfig
 from bidm.unet import UNetConfig
 
 
@@ -27,6 +28,8 @@ class DataConfig:
     size: int = num(16, gt=0)  # images are resized to size x size
     channels: int = num(1, gt=0)  # digits only: 1 or 3
     limit: int | None = num(None, gt=0)  # keep the first N images (after a seeded shuffle)
+    stream: bool = False  # folder: read images lazily through a DataLoader (LSUN/FFHQ scale) instead of into RAM
+    workers: int = num(2, ge=0)  # DataLoader worker processes of a streamed dataset (0 = in the main process)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class TrainConfig:
     optimizer: str = choice("adam", ("adam", "adamw"))  # adam (DDIM CIFAR recipe) | adamw (LDM, weight decay 0.01)
     weight_decay: float = num(0.0, ge=0)
     grad_clip: float = num(1.0, ge=0)  # 0 = off
+    warmup_steps: int = num(0, ge=0)  # linear lr warm-up from 1e-6 x lr (LDM LambdaLinearScheduler; churches: 10k)
     ema_decay: float = num(0.999, ge=0, lt=1)
     seed: int = num(0, ge=0)
     loss_reduction: str = choice("mean", ("mean", "sum"))  # mean (LDM) | sum (DDIM repo / BiDM CIFAR code)
@@ -62,11 +66,16 @@ class BinarizeConfig:
     # per-method options, used only when that method is the one run (a recipe can serve every method):
     # {"bidm": {"shortcut_scale_init": 0.0}}; ``options`` wins over them
     method_options: dict = field(default_factory=dict)
+    # ResBlock 1x1 skip convs: fp (official code, default) | binary (W1A1, as the paper's Table 4 size counts them)
+    skip_convs: str = choice("fp", ("fp", "binary"))
     teacher: str | None = None  # FP teacher: a bidm run dir / checkpoint, an official .ckpt, or a diffusers dir
     # TBS cross-timestep connection (BiDM only by default; see bidm.tbs)
     tbs: bool = True
     tbs_blocks: int = num(8, ge=0)  # the last n output blocks are mixed (paper: 8; 0 = off)
     tbs_alpha_init: float = 0.3  # paper 0.3; official CIFAR code 0.0
+    # alpha table columns: 0 = one per mixed block; N = N columns indexed by the block's position among all
+    # feature blocks (official LDM: cache_coefficients [100, 31] for every setting)
+    tbs_table_columns: int = num(0, ge=0)
     train_cache: str = "t+1"  # t+1 (official) | t+K | sampler (cache from t + T/steps, matches sampling)
     train_cache_noise: str = choice(
         "same", ("same", "forward")
@@ -101,6 +110,7 @@ class Config:
     out_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)  # latent diffusion (bidm.ldm)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     binarize: BinarizeConfig = field(default_factory=BinarizeConfig)
@@ -200,20 +210,33 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The overrides of a YAML config file. A top-level ``base: OTHER.yaml`` (relative to the file) is read first
+    and this file's values are merged over it (e.g. ``configs/ldm/bedrooms.yaml`` on the paper's LDM recipe)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of overrides, got {type(loaded).__name__}")
+    parent = loaded.pop("base", None)
+    if parent is None:
+        return loaded
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'base' must be a file name, got {parent!r}")
+    return _deep_merge(read_yaml(path.parent / parent, (*_seen, path.resolve())), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None):
     """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file <- ``overrides``."""
     values: dict = dict(base or {})
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of overrides, got {type(loaded).__name__}")
-        values = _deep_merge(values, loaded)
+        values = _deep_merge(values, read_yaml(path))
     for text in overrides:
         # ``binarize.options={a: 1}`` replaces the options; ``binarize.options.a=1`` sets one of them
         into_opaque = any(part.strip() in OPAQUE for part in text.split("=", 1)[0].split(".")[:-1])

@@ -26,7 +26,6 @@ from bidm.errors import DataError
 from bidm.npz_io import uint8_to_images
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _uint8_nhwc_to_tensor(images: np.ndarray, size: int | None) -> torch.Tensor:
@@ -166,22 +165,15 @@ def load_npz(path: str | None = None, split: str = "train", size: int | None = N
 
 
 def load_folder(path: str | None = None, size: int = 64, limit: int | None = None, **_):
-    """Every image under ``path`` (recursively, sorted), center-cropped to a square and resized to ``size``."""
-    from PIL import Image
+    """Every image under ``path`` (recursively, sorted), center-cropped to a square and resized to ``size``, in
+    RAM (``data.stream=true`` reads them lazily instead: `bidm.stream.ImageFolder`)."""
+    from bidm.stream import list_images, load_image
 
-    if not path or not Path(path).is_dir():
-        raise DataError(f"folder dataset needs data.path to be an image directory, got {path!r}")
-    files = sorted(f for f in Path(path).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    files = list_images(path)
     files = files[:limit] if limit else files
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
-        img = Image.open(f).convert("RGB")
-        s = min(img.size)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-        out[i] = np.asarray(img)
+        out[i] = load_image(f, size)
     return _uint8_nhwc_to_tensor(out, None), None
 
 
@@ -207,9 +199,16 @@ def download_cifar10(directory: str | Path) -> Path:
     return directory / "cifar-10-batches-py"
 
 
-def load_training_images(cfg) -> torch.Tensor:
-    """The training images of ``cfg.data`` (float [-1, 1] NCHW), shuffled by a seed and cut to ``data.limit``."""
+def load_training_images(cfg):
+    """The training images of ``cfg.data`` (float [-1, 1] NCHW), shuffled by a seed and cut to ``data.limit``; with
+    ``data.stream`` (folder only) a `bidm.stream.ImageFolder` dataset that reads them when indexed."""
     d = cfg.data
+    if d.stream:
+        if d.name != "folder":
+            raise DataError(f"data.stream reads image folders only (data.name=folder), got data.name={d.name!r}")
+        from bidm.stream import ImageFolder
+
+        return ImageFolder(d.path, d.size, limit=d.limit, seed=cfg.train.seed)
     images, _ = load_dataset(d.name, path=d.path, split=d.split, size=d.size, channels=d.channels)
     if d.limit:
         g = torch.Generator().manual_seed(cfg.train.seed)

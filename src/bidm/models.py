@@ -30,6 +30,17 @@ def method_options(cfg: Config) -> dict:
     return {**per_method, **b.options}
 
 
+def layer_filter(cfg: Config):
+    """Which layers `binarize_` swaps: the paper protocol (`bidm.binarize.default_filter`), plus the ResBlock skip
+    convs when ``binarize.skip_convs == "binary"`` (the paper's size count treats them as 1-bit, reference §7)."""
+    from bidm.binarize import FP_KEPT, SKIP_CONVS, default_filter, matches
+
+    if cfg.binarize.skip_convs == "fp":
+        return default_filter
+    kept = tuple(p for p in FP_KEPT if p not in SKIP_CONVS)
+    return lambda module, name: not matches(name, kept)
+
+
 def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
     """The student: ``binarize_`` on the given FP UNet (in place), plus the TBS wrapper for BiDM."""
     from bidm.binarize import binarize_
@@ -39,7 +50,7 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
     res, ch = cfg.model.resolution, cfg.model.in_channels
     device = next(unet.parameters()).device
     example = (torch.zeros(1, ch, res, res, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    binarize_(unet, cfg.binarize.method, example_inputs=example, **method_options(cfg))
+    binarize_(unet, cfg.binarize.method, filter_fn=layer_filter(cfg), example_inputs=example, **method_options(cfg))
     if uses_tbs(cfg):
         from bidm.tbs import CrossTimestep
 
@@ -60,6 +71,7 @@ def binarize_unet(unet: nn.Module, cfg: Config) -> nn.Module:
             cache_noise=b.train_cache_noise,
             sample_cache=b.tbs_sample_cache,
             sampler_steps=cfg.sample.steps,
+            table_columns=b.tbs_table_columns,
         )
     return unet
 
@@ -79,7 +91,8 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[nn.Module, Co
 
 
 def load_teacher(spec: str | Path, model_cfg: UNetConfig) -> tuple[nn.Module, UNetConfig]:
-    """The frozen FP teacher from a bidm run/checkpoint, an official DDIM ``.ckpt`` or a diffusers directory.
+    """The frozen FP teacher from a bidm run/checkpoint, an official DDIM ``.ckpt``, an official LDM ``.ckpt``
+    (``model_cfg.arch == "ldm"``; a missing file names the official release) or a diffusers directory.
 
     Returns (teacher in eval mode with grads off, the UNetConfig the student must use).
     """
@@ -90,6 +103,11 @@ def load_teacher(spec: str | Path, model_cfg: UNetConfig) -> tuple[nn.Module, UN
         teacher, cfg = load_model(spec, use_ema=True)
         if cfg.binarize.method != "none":
             raise CheckpointError(f"{spec} is a binarized ({cfg.binarize.method}) model, not an FP teacher")
+    elif model_cfg.arch == "ldm":  # an official LatentDiffusion .ckpt (model.diffusion_model.*)
+        from bidm.ldm.official import convert_unet_state_dict, read_ckpt
+
+        teacher = build_unet(model_cfg)
+        load_state_dict_reporting(teacher, convert_unet_state_dict(read_ckpt(spec)), source=str(spec))
     elif spec.is_file():
         teacher = build_unet(model_cfg)
         load_state_dict_reporting(teacher, read_official_state_dict(spec), source=str(spec))

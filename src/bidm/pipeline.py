@@ -38,13 +38,13 @@ def ensure_student(cfg: Config) -> Path:
 
 
 def teacher_sections(teacher: str | Path) -> dict:
-    """The data/model/diffusion/sample sections of a bidm teacher run (a student inherits them); {} for teachers
-    that are not bidm runs (official checkpoints, diffusers directories)."""
+    """The data/model/first_stage/diffusion/sample sections of a bidm teacher run (a student inherits them); {}
+    for teachers that are not bidm runs (official checkpoints, diffusers directories)."""
     path = checkpoint.resolve(teacher)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
     inherited = checkpoint.load(path).config
-    return {k: inherited[k] for k in ("data", "model", "diffusion", "sample")}
+    return {k: inherited[k] for k in ("data", "model", "first_stage", "diffusion", "sample") if k in inherited}
 
 
 def student_config(

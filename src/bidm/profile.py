@@ -34,6 +34,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -274,29 +275,14 @@ def summary(model: nn.Module, input_shape: tuple[int, ...], *, layers: bool = Tr
 # ---------------------------------------------------------------------------------------------------------------
 # Model presets (built on the meta device: shapes only, no memory, no weights)
 
-LDM_BEDROOMS = dict(  # LDM-4 LSUN-Bedrooms UNet (bedrooms_bidm.yaml) as a diffusers UNet2DModel: 274.06 M params
-    sample_size=64,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(224, 448, 672, 896),  # model_channels 224, channel_mult [1, 2, 3, 4]
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),  # attn at ds 2, 4, 8
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=32,  # num_head_channels 32
-    norm_eps=1e-5,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
 
+def ldm_unet(setting: str) -> nn.Module:
+    """The FP UNet of an LDM setting (`bidm.ldm.settings`): the official openaimodel architecture (`bidm.ldm.unet`).
+    LDM-4 bedrooms: 274,056,163 params and 96.02 G MACs at its 64x64x3 latent, as in reference §7."""
+    from bidm.ldm.settings import SETTINGS
+    from bidm.unet import UNetConfig, build_unet
 
-def ldm_bedrooms_unet() -> nn.Module:
-    """LDM-4 bedrooms UNet shape. Same layers as LDM's openaimodel UNet (qkv Conv1d = to_q/k/v Linears, same
-    parameters and MACs): 274,056,163 params and 96.02 G MACs at a 64x64x3 latent, as in reference §7."""
-    from diffusers import UNet2DModel
-
-    from bidm.unet import DiffusersUNet
-
-    return DiffusersUNet(UNet2DModel(**LDM_BEDROOMS))
+    return build_unet(UNetConfig(**SETTINGS[setting]["model"]))
 
 
 def _ddim_cifar10() -> nn.Module:
@@ -321,7 +307,9 @@ class Preset:
 PRESETS = {
     "tiny": Preset(_tiny, (1, 3, 16, 16)),
     "ddim-cifar10": Preset(_ddim_cifar10, (1, 3, 32, 32)),
-    "ldm-bedrooms": Preset(ldm_bedrooms_unet, (1, 3, 64, 64), paper_flops=0.38e9),
+    "ldm-bedrooms": Preset(partial(ldm_unet, "ldm-bedrooms"), (1, 3, 64, 64), paper_flops=0.38e9),
+    "ldm-churches": Preset(partial(ldm_unet, "ldm-churches"), (1, 4, 32, 32)),  # the paper reports no LDM-8 FLOPs
+    "ldm-ffhq": Preset(partial(ldm_unet, "ldm-ffhq"), (1, 3, 64, 64), paper_flops=0.38e9),  # same UNet as bedrooms
 }
 
 

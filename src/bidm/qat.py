@@ -101,4 +101,9 @@ def train_student(cfg: Config, *, resume: bool = False) -> Path:
     student = student_from_teacher(teacher, cfg)
     images = load_training_images(cfg)
     objective = QATObjective(cfg, teacher, schedule(cfg))
+    if cfg.first_stage.kind != "none":  # latent diffusion: distil on the first stage's latents
+        from bidm.ldm.latents import prepare_latents
+
+        cfg, images, wrap = prepare_latents(cfg, images)
+        objective = wrap(objective)
     return run(cfg, student, objective, images, out_dir=cfg.out_dir, resume=resume)

@@ -24,10 +24,11 @@ APPLIED = {
     "train.log_every": "used from the next step",
     "train.ckpt_every": "used from the next step",
     "train.device": "the run continues on the new device",
+    "data.workers": "used by the data loader (the batch order does not depend on it)",
 }
 RECORDED = "sample."  # sampling defaults: recorded in the run's config, not used by training
 IGNORED = {"out_dir"}  # a run directory may be moved or named differently
-PATHS = {"data.path", "binarize.teacher"}  # compared as resolved paths
+PATHS = {"data.path", "binarize.teacher", "first_stage.ckpt", "first_stage.latent_cache"}  # compared as resolved paths
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

@@ -64,6 +64,11 @@ def generate(
     acp = schedule(cfg).to(device)
     x_T = initial_noise(n, shape, seed)
     model.eval()
+    decoder = None
+    if cfg.first_stage.kind != "none":  # latent diffusion: DDIM runs on latents, the first stage decodes them
+        from bidm.ldm.first_stage import load_first_stage
+
+        decoder = load_first_stage(cfg.first_stage).to(device)
     out = []
     for start in tqdm(chunks(n, batch_size, rank, world), desc="sample", disable=not progress):
         generator = torch.Generator().manual_seed(seed * 7_919 + start)
@@ -83,7 +88,7 @@ def generate(
                 f"sampling produced {bad} NaN/inf values in images {start}..{start + len(x0) - 1} (the model "
                 "diverged or overflows); no samples written"
             )
-        out.append(images_to_uint8(x0))
-    if not out:
-        return np.zeros((0, shape[1], shape[2], shape[0]), dtype=np.uint8)
+        out.append(images_to_uint8(x0 if decoder is None else decoder.decode(x0)))
+    if not out:  # a process of a large group may get no chunk
+        return np.zeros((0, 0, 0, 0), dtype=np.uint8)
     return np.concatenate(out)

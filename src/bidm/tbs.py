@@ -110,6 +110,9 @@ class CrossTimestep(nn.Module):
             (`cache_input`, module docstring).
         sample_cache: ``"mixed"`` (official) or ``"unmixed"``: the outputs `last_cache` hands to the next
             sampler step (module docstring).
+        table_columns: 0 (default): the table is [num_buckets, n_blocks], mixed block j reads column j. N: the
+            official LDM layout, [num_buckets, N] (N = 31 in every LDM setting) with each mixed block reading the
+            column of its index among all feature blocks; the other columns are never read.
 
     Calls:
         ``wrapper(x, t, cache=None)`` -> eps. With a cache the mixed blocks mix, without one nothing mixes.
@@ -130,6 +133,7 @@ class CrossTimestep(nn.Module):
         sampler_steps: int | None = None,
         cache_noise: str = "same",
         sample_cache: str = "mixed",
+        table_columns: int = 0,
     ):
         super().__init__()
         if cache_noise not in CACHE_NOISE:
@@ -151,10 +155,15 @@ class CrossTimestep(nn.Module):
         self.num_timesteps = num_timesteps
         self.train_cache = train_cache
         self.cache_offset = parse_train_cache(train_cache, num_timesteps, sampler_steps)
-        self.alpha = nn.Parameter(torch.full((num_buckets, n_blocks), float(alpha_init)))
+        if table_columns and table_columns < len(names):
+            raise ConfigError(f"table_columns={table_columns} is fewer than the UNet's {len(names)} feature blocks")
         self.block_names = names
         self.mixed_names = names[len(names) - n_blocks :]
-        self._column = {name: j for j, name in enumerate(self.mixed_names)}
+        if table_columns:  # official LDM layout: column = the block's index among all feature blocks
+            self._column = {name: names.index(name) for name in self.mixed_names}
+        else:
+            self._column = {name: j for j, name in enumerate(self.mixed_names)}
+        self.alpha = nn.Parameter(torch.full((num_buckets, table_columns or n_blocks), float(alpha_init)))
         # per-call state, set by forward and read by the hooks
         self._active = False
         self._alpha_rows: torch.Tensor | None = None  # [B, n_blocks]
@@ -182,13 +191,17 @@ class CrossTimestep(nn.Module):
     def num_output_blocks(self) -> int:
         return self.unet.num_output_blocks()
 
+    def mixed_columns(self) -> list[int]:
+        """The alpha-table column of each mixed block, in `mixed_names` order."""
+        return [self._column[name] for name in self.mixed_names]
+
     # ------------------------------------------------------------------ forward and hooks
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: Cache | None = None, **kwargs: Any) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         self._features, self._premix = {}, {}
         self._cache = cache if self.n_blocks > 0 else None
-        self._alpha_rows = self.alpha[timestep_bucket(t, self.num_buckets, self.num_timesteps)]  # [B, n_blocks]
+        self._alpha_rows = self.alpha[timestep_bucket(t, self.num_buckets, self.num_timesteps)]  # [B, columns]
         self._active = True
         try:
             eps = self.unet(x, t, **kwargs)

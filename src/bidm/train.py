@@ -35,6 +35,7 @@ from bidm.diffusion import alphas_cumprod, eps_loss, make_betas, q_sample
 from bidm.errors import BidmError, CheckpointError, ConfigError, TrainingDiverged
 from bidm.fileio import atomic_write_text
 from bidm.shard import BatchShard, whole
+from bidm.stream import stream_batches, tensor_batches
 
 
 class EpsObjective(nn.Module):
@@ -90,6 +91,14 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay or 0.01)
     raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {t.optimizer!r}")
+
+
+def warmup_factor(step: int, warmup_steps: int, start: float = 1e-6) -> float:
+    """LDM's LambdaLinearScheduler (one cycle): the lr factor rises linearly from ``start`` to 1 over
+    ``warmup_steps``, then stays 1."""
+    if step >= warmup_steps:
+        return 1.0
+    return start + (1.0 - start) * step / warmup_steps
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -176,7 +185,8 @@ def run(
     resume: bool = False,
     extra_meta: dict[str, str] | None = None,
 ) -> Path:
-    """Train ``model`` on ``images`` (float [N,C,H,W] in [-1, 1]) and return the checkpoint path.
+    """Train ``model`` on ``images`` (float [N,C,H,W] in [-1, 1], or a dataset of such items streamed through a
+    DataLoader, `bidm.stream`) and return the checkpoint path.
 
     The main process holds `bidm.lock.RunLock` on ``out_dir`` for the whole run.
     """
@@ -238,6 +248,11 @@ def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resum
     accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({accelerator.device}), global batch "
                       f"{t.batch_size}")  # fmt: skip
     order = BatchOrder(len(images), t.batch_size, t.seed)
+    if isinstance(images, torch.Tensor):
+        batches = tensor_batches(images, order, start, t.steps, rank=rank, world=world)
+    else:  # a streamed dataset (bidm.stream): the same order, read by DataLoader workers
+        batches = stream_batches(images, order, start, t.steps, rank=rank, world=world, workers=cfg.data.workers)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     def save(step: int) -> None:
         bad = checkpoint.first_nonfinite(raw_model.state_dict()) or (ema and checkpoint.first_nonfinite(ema.shadow))
@@ -265,7 +280,10 @@ def _run_locked(cfg, model, objective, images, accelerator, out_dir: Path, resum
             torch.manual_seed(step_seed(t.seed, step, rank))  # dropout masks: the one per-process draw
             generator = torch.Generator().manual_seed(step_seed(t.seed, step) + 1)  # t, eps, ...: global (shard)
             shard = BatchShard(t.batch_size, rank, world)
-            x0 = images[shard.take(order.indices(step))].to(accelerator.device)
+            x0 = next(batches).to(accelerator.device)  # rows shard.take(order.indices(step)) of the data
+            if t.warmup_steps:  # a function of the step alone, so a resumed run gets the same rate
+                for group, lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = lr * warmup_factor(step, t.warmup_steps)
             if hasattr(objective, "before_step"):
                 objective.before_step(raw_model, step, t.steps)
             model.train()
@@ -320,13 +338,19 @@ def train_teacher(cfg: Config, *, resume: bool = False) -> Path:
     if cfg.binarize.method != "none":
         raise ConfigError("train_teacher trains FP models; binarized students go through bidm.qat.train_student")
     images = load_training_images(cfg)
-    c, h = images.shape[1], images.shape[-1]
-    if c != cfg.model.in_channels or h != cfg.model.resolution:
-        raise ConfigError(
-            f"data gives [{c}, {h}, {h}] images but the model expects in_channels={cfg.model.in_channels}, "
-            f"resolution={cfg.model.resolution}: set model.in_channels/model.out_ch/model.resolution or data.size"
-        )
+    objective = EpsObjective(schedule(cfg), reduction=cfg.train.loss_reduction, kind=cfg.train.loss_kind)
+    if cfg.first_stage.kind != "none":  # latent diffusion: the UNet learns the first stage's latents
+        from bidm.ldm.latents import prepare_latents
+
+        cfg, images, wrap = prepare_latents(cfg, images)
+        objective = wrap(objective)
+    else:
+        c, h = images[0].shape[0], images[0].shape[-1]
+        if c != cfg.model.in_channels or h != cfg.model.resolution:
+            raise ConfigError(
+                f"data gives [{c}, {h}, {h}] images but the model expects in_channels={cfg.model.in_channels}, "
+                f"resolution={cfg.model.resolution}: set model.in_channels/model.out_ch/model.resolution or data.size"
+            )
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     model = build_unet(cfg.model)
-    objective = EpsObjective(schedule(cfg), reduction=cfg.train.loss_reduction, kind=cfg.train.loss_kind)
     return run(cfg, model, objective, images, out_dir=cfg.out_dir, resume=resume)

@@ -24,7 +24,7 @@ from bidm.fields import num
 class UNetConfig:
     """Architecture of the FP UNet. Defaults are the DDIM CIFAR-10 model (35.7 M params)."""
 
-    arch: str = "ddim"  # "ddim" (this file's DDIMUNet) or "diffusers" (UNet2DModel from `diffusers_config`)
+    arch: str = "ddim"  # "ddim" (DDIMUNet), "ldm" (bidm.ldm.unet.LDMUNet) or "diffusers" (from `diffusers_config`)
     ch: int = num(128, gt=0)
     ch_mult: tuple[int, ...] = num((1, 2, 2, 2), gt=0)
     num_res_blocks: int = num(2, gt=0)
@@ -35,13 +35,20 @@ class UNetConfig:
     resolution: int = num(32, gt=0)
     resamp_with_conv: bool = True
     diffusers_config: dict = field(default_factory=dict)
+    # arch="ldm" only (openaimodel options; attn_resolutions are feature resolutions there too, see LDMUNet)
+    num_heads: int = -1  # heads per attention block, used when num_head_channels = -1
+    num_head_channels: int = -1  # channels per head (bedrooms/FFHQ: 32); -1 = use num_heads
+    use_scale_shift_norm: bool = False  # ResBlocks apply the embedding as GN(h) * (1 + scale) + shift
+    resblock_updown: bool = False  # resample with ResBlocks (avg-pool / nearest inside) instead of (de)convs
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
         self.attn_resolutions = tuple(self.attn_resolutions)
-        if self.arch not in ("ddim", "diffusers"):
-            raise ConfigError(f"model.arch must be 'ddim' or 'diffusers', got {self.arch!r}")
-        if self.arch == "ddim":
+        if self.arch not in ("ddim", "ldm", "diffusers"):
+            raise ConfigError(f"model.arch must be 'ddim', 'ldm' or 'diffusers', got {self.arch!r}")
+        if self.arch == "ldm" and self.num_heads == -1 and self.num_head_channels == -1:
+            raise ConfigError("model.arch=ldm needs model.num_heads or model.num_head_channels")
+        if self.arch in ("ddim", "ldm"):
             if self.ch % 32 or any(self.ch * m % 32 for m in self.ch_mult):
                 raise ConfigError(f"model.ch * ch_mult must be multiples of 32 (GroupNorm groups), got {self.ch}")
             if self.resolution % 2 ** (len(self.ch_mult) - 1):
@@ -336,6 +343,10 @@ def build_unet(cfg: UNetConfig) -> nn.Module:
         if not cfg.diffusers_config:
             raise ConfigError("model.arch=diffusers needs model.diffusers_config (or a --teacher directory)")
         return DiffusersUNet.from_config_dict(cfg.diffusers_config)
+    if cfg.arch == "ldm":
+        from bidm.ldm.unet import LDMUNet
+
+        return LDMUNet(cfg)
     return DDIMUNet(cfg)
 
 

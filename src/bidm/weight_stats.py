@@ -87,7 +87,7 @@ def alpha_table(model: nn.Module) -> dict | None:
     """The learned TBS mixing weights of a `CrossTimestep` student, or None for any other model."""
     if not isinstance(model, CrossTimestep) or model.n_blocks == 0:
         return None
-    alpha = model.alpha.detach().float()
+    alpha = model.alpha.detach().float()[:, model.mixed_columns()]  # the read columns (official LDM table: 8 of 31)
     return {
         "alpha": alpha.tolist(),  # [num_buckets, n_blocks]
         "blocks": list(model.mixed_names),

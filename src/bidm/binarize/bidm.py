@@ -28,7 +28,11 @@ Options and where they depart from the official code (reference §9-10):
   (fixed). False reproduces the quirk: forward sign(x), backward max(0, 2 - 2|x + b|) to both x and b.
 - ``bias`` (False): the FP bias is dropped, as in the official binary mode.
 - The DDIM UNet's 1x1 attention convs (q/k/v/proj_out) are ordinary BiDM convs with a K map and an identity
-  shortcut, as in the official CIFAR code (BNNConv2d). LDM's 1x1 Conv1d (no K, no shortcut) is not modelled.
+  shortcut, as in the official CIFAR code (BNNConv2d). LDM's 1x1 Conv1d qkv/proj_out are nn.Linear in
+  `bidm.ldm.unet`, so they become `BiDMLinear`: the official BNNConv1d (no K, no shortcut, no bias; its forward
+  uses the threshold, i.e. ``linear_threshold_in_forward=True``).
+- An FP conv marked ``zero_init`` (LDM's ``zero_module``: every ResBlock's last conv) gets its threshold, k-conv
+  bias and shortcut scale zeroed (`zero_new_parameters`), so with ``|s|`` its shortcut stays 0 as in the LDM code.
 
 Reference: Zheng et al., "BiDM: Pushing the Limit of Quantization for Diffusion Models", NeurIPS 2024, §3.2
 (Eq. 6-8, learnable k) and §4 (shortcut); official code ``util_ours.py`` / ``bidm-cifar/models/util_bidm.py``.
@@ -100,6 +104,21 @@ class BiDMLinear(_BiDM, BinaryLinear):
         return self.add_bias(y * self.weight_scale())
 
 
+def zero_new_parameters(layer: BiDMConv2d) -> None:
+    """What LDM's ``zero_module`` does to an official BNNConv2d (reference §2a.5): its threshold, k-conv bias and
+    shortcut scale start at 0 (k's weight keeps 1/(kh*kw) from the first binary forward). With ``|s|`` the shortcut
+    then stays off for good (d|s|/ds = 0 at 0); without abs it can still move."""
+    with torch.no_grad():
+        layer.act_shift.zero_()
+        if layer.filter_k.bias is not None:
+            layer.filter_k.bias.zero_()
+        if layer.shortcut.scale is not None:
+            layer.shortcut.scale.zero_()
+        if hasattr(layer.shortcut, "proj"):
+            layer.shortcut.proj.weight.zero_()
+            layer.shortcut.proj.bias.zero_()
+
+
 @register("bidm")
 def bidm(
     fp: nn.Module,
@@ -115,7 +134,7 @@ def bidm(
     if shortcut_abs and shortcut_scale_init == 0.0:
         warnings.warn("bidm: shortcut_abs with shortcut_scale_init=0 keeps the shortcut off forever", stacklevel=2)
     if isinstance(fp, nn.Conv2d):
-        return BiDMConv2d(
+        layer = BiDMConv2d(
             fp,
             bias=bias,
             learnable_k=learnable_k,
@@ -123,4 +142,7 @@ def bidm(
             shortcut_scale_init=shortcut_scale_init,
             shortcut_abs=shortcut_abs,
         )
+        if getattr(fp, "zero_init", False):
+            zero_new_parameters(layer)
+        return layer
     return pick(fp, None, BiDMLinear, bias=bias, linear_threshold_in_forward=linear_threshold_in_forward)

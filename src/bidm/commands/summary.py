@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--preset",
         dest="preset",
         default=None,
-        help="model preset: tiny | ddim-cifar10 | ldm-bedrooms (default ddim-cifar10 when no --config)",
+        help="model preset: tiny | ddim-cifar10 | ldm-bedrooms | ldm-churches | ldm-ffhq (default ddim-cifar10 "
+        "when no --config)",
     )
     src.add_argument("--config", default=None, help="YAML config (model and binarize sections are used)")
     p.add_argument(
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="G|none",
         help="with --paper-accounting: FLOPs (in G) to use instead of the measured FP-kept layers; 'none' drops "
-        "the preset's paper value (ldm-bedrooms: 0.38) and keeps the measured one",
+        "the preset's paper value (ldm-bedrooms / ldm-ffhq: 0.38) and keeps the measured one",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--no-layers", action="store_true", help="totals only")
