@@ -63,6 +63,32 @@ def test_packed_layer_equals_fake_binary_layer(method, impl, monkeypatch):
         assert torch.equal(packed.quantize_weight(), layer.quantize_weight())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method", ["xnor", "bidm"])
+def test_fused_forward_equals_fake_binary_in_both_layouts(method, impl, monkeypatch):
+    """XNOR/BiDM convs take the fused path (channels-last output) from NCHW or channels-last inputs; BIDM_FUSED=0
+    gives the generic path (NCHW output); all equal the fake-binary layer."""
+    monkeypatch.setenv("BIDM_KERNEL", impl)
+    gen = torch.Generator().manual_seed(2)
+    for make, shape in LAYERS:
+        if len(shape) != 4:
+            continue
+        layer = perturbed(binarize_(make(), method), gen).eval()
+        packed = convert_(copy.deepcopy(layer))
+        x = torch.randn(*shape, generator=gen) + 0.3
+        with torch.no_grad():
+            expected = layer(x)
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                got = packed(inp)
+                assert kernels.is_channels_last(got) or got.shape[2:] == (1, 1)
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            monkeypatch.setenv("BIDM_FUSED", "0")
+            generic = packed(x)
+            monkeypatch.delenv("BIDM_FUSED")
+        assert generic.is_contiguous()
+        torch.testing.assert_close(generic, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_packed_state_dict_replaces_latent_weight_by_bits():
     layer = binarize_(nn.Conv2d(70, 8, 3, padding=1), "efficientdm")
     packed = convert_(copy.deepcopy(layer))

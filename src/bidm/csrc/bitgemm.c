@@ -18,6 +18,9 @@
  * for pm1 the epilogue subtracts what the +1 taps added, tapsum_t[t][o] = Cin - 2 popc(W[o, t]). For 01 a zero word
  * already contributes 0.
  *
+ * Epilogue: the real-valued factors of XNOR/BiDM-style layers (alpha, K map, bias, scaled shortcut) are applied
+ * while each micro-tile is written (see bidm_epilogue), and the output may be written channels last.
+ *
  * Blocking: the output pixels (b, oh, ow) are cut into tiles of MC pixels, one tile per OpenMP task. Each task
  * gathers its tile's im2col rows (KW = kh*kw*Wc words each) once, then sweeps the weight panel (NR = 8 output
  * channels interleaved per word, see bidm_make_panel) with an MR x NR micro-kernel: AVX2 nibble-LUT popcount
@@ -34,7 +37,7 @@
 #include <immintrin.h>
 #endif
 
-#define BIDM_ABI_VERSION 1
+#define BIDM_ABI_VERSION 2
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes) */
 #define MR 4  /* pixels per micro-kernel call */
 #define MC 64 /* pixels per task (im2col tile) */
@@ -64,51 +67,102 @@ static inline int popc64(uint64_t x) { return __builtin_popcountll(x); }
 
 static inline uint64_t code_bit(float v, int mode) { return mode ? (uint64_t)(v > 0.5f) : (uint64_t)(v < 0.0f); }
 
-/* x: [M, C] rows -> out: [M, Wc]. */
-void bidm_pack_rows(const float *x, int64_t M, int64_t C, int mode, uint64_t *out, int nthreads) {
+/* The fused input pass of a binary layer, in one read of x:
+ *   words[b, p]  = bits of code(x[b, :, p] + shift), mode 0: bit = (x + shift < 0), mode 1: bit = (x + shift > 0.5);
+ *   absmean[b, p] = mean_c |x[b, c, p]| (the input of XNOR's / BiDM's K map; skipped when absmean is NULL).
+ * x is [B, C, HW] (nhwc = 0, NCHW) or [B, HW, C] (nhwc = 1, channels last); shift [C] or NULL (= 0).
+ * out: [B, HW, Wc] (channels packed per pixel). */
+
+static void pack_pixels_nhwc(const float *x, int64_t P, int64_t C, const float *shift, int mode, uint64_t *out,
+                             float *absmean, int nthreads) {
     const int64_t Wc = (C + 63) / 64;
+    const float inv_c = 1.0f / (float)C;
     (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * C > 65536)
-    for (int64_t m = 0; m < M; m++) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P * C > 65536)
+    for (int64_t m = 0; m < P; m++) {
         const float *row = x + m * C;
+        uint64_t *dst = out + m * Wc;
+        float abs_sum = 0.0f;
         for (int64_t k = 0; k < Wc; k++) {
             const int64_t c0 = k * 64, n = (C - c0 < 64) ? C - c0 : 64;
             uint64_t word = 0;
-            for (int64_t b = 0; b < n; b++) word |= code_bit(row[c0 + b], mode) << b;
-            out[m * Wc + k] = word;
+            int64_t b = 0;
+#if defined(__AVX2__)
+            const __m256 zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
+            const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            __m256 acc = zero;
+            for (; b + 8 <= n; b += 8) {
+                const __m256 v = _mm256_loadu_ps(row + c0 + b);
+                const __m256 u = shift ? _mm256_add_ps(v, _mm256_loadu_ps(shift + c0 + b)) : v;
+                const __m256 bit = mode ? _mm256_cmp_ps(u, half, _CMP_GT_OQ) : _mm256_cmp_ps(u, zero, _CMP_LT_OQ);
+                word |= (uint64_t)(unsigned)_mm256_movemask_ps(bit) << b;
+                acc = _mm256_add_ps(acc, _mm256_and_ps(v, nosign));
+            }
+            if (absmean) {
+                float lanes[8];
+                _mm256_storeu_ps(lanes, acc);
+                for (int l = 0; l < 8; l++) abs_sum += lanes[l];
+            }
+#endif
+            for (; b < n; b++) {
+                const float v = row[c0 + b], u = shift ? v + shift[c0 + b] : v;
+                word |= code_bit(u, mode) << b;
+                abs_sum += v < 0 ? -v : v;
+            }
+            dst[k] = word;
         }
+        if (absmean) absmean[m] = abs_sum * inv_c;
     }
 }
 
-/* x: [B, C, HW] (NCHW) -> out: [B, HW, Wc] (channels packed per pixel). */
-void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, uint64_t *out, int nthreads) {
-    if (HW == 1) {
-        bidm_pack_rows(x, B, C, mode, out, nthreads);
-        return;
-    }
+static void pack_pixels_nchw(const float *x, int64_t B, int64_t C, int64_t HW, const float *shift, int mode,
+                             uint64_t *out, float *absmean, int nthreads) {
     const int64_t Wc = (C + 63) / 64, CH = 256; /* pixels per chunk */
     const int64_t nchunk = (HW + CH - 1) / CH;
+    const float inv_c = 1.0f / (float)C;
     (void)nthreads;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (B * C * HW > 65536)
     for (int64_t task = 0; task < B * nchunk; task++) {
         const int64_t b = task / nchunk, p0 = (task % nchunk) * CH;
         const int64_t np = (HW - p0 < CH) ? HW - p0 : CH;
         uint64_t acc[256];
+        float abs_sum[256];
+        for (int64_t p = 0; p < np; p++) abs_sum[p] = 0.0f;
         for (int64_t k = 0; k < Wc; k++) {
             const int64_t c0 = k * 64, nc = (C - c0 < 64) ? C - c0 : 64;
             for (int64_t p = 0; p < np; p++) acc[p] = 0;
             for (int64_t cb = 0; cb < nc; cb++) {
                 const float *src = x + (b * C + c0 + cb) * HW + p0;
+                const float s = shift ? shift[c0 + cb] : 0.0f;
                 if (mode) {
-                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] > 0.5f) << cb;
+                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] + s > 0.5f) << cb;
+                } else if (shift) {
+                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] + s < 0.0f) << cb;
                 } else {
                     for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] < 0.0f) << cb;
                 }
+                if (absmean)
+                    for (int64_t p = 0; p < np; p++) abs_sum[p] += src[p] < 0 ? -src[p] : src[p];
             }
             uint64_t *dst = out + (b * HW + p0) * Wc + k;
             for (int64_t p = 0; p < np; p++) dst[p * Wc] = acc[p];
         }
+        if (absmean)
+            for (int64_t p = 0; p < np; p++) absmean[b * HW + p0 + p] = abs_sum[p] * inv_c;
     }
+}
+
+void bidm_pack_input(const float *x, int64_t B, int64_t C, int64_t HW, int nhwc, const float *shift, int mode,
+                     uint64_t *out, float *absmean, int nthreads) {
+    if (nhwc || HW == 1)
+        pack_pixels_nhwc(x, B * HW, C, shift, mode, out, absmean, nthreads);
+    else
+        pack_pixels_nchw(x, B, C, HW, shift, mode, out, absmean, nthreads);
+}
+
+/* x: [B, C, HW] (NCHW) -> out: [B, HW, Wc] (channels packed per pixel). */
+void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, uint64_t *out, int nthreads) {
+    bidm_pack_input(x, B, C, HW, 0, NULL, mode, out, NULL, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -226,12 +280,41 @@ DEFINE_MICRO_SCALAR(micro_and, &)
  *
  * a      [B, H, W, Wc] packed activations          panel  from bidm_make_panel(w [Cout, kh*kw*Wc])
  * tapsum_t [kh*kw, NR*ceil(Cout/NR)] int32, Cin - 2 popc(w[o,t]), zero past Cout (read for mode 0 only)
- * y      [B, Cout, Ho, Wo] float32 written with the exact integer dot products.
+ * y      [B, Cout, Ho, Wo] float32 (out_nhwc = 0) or [B, Ho, Wo, Cout] (out_nhwc = 1, channels last).
  * Padding is (top, left) = (ph, pw); bottom/right padding is whatever Ho, Wo imply.
+ *
+ * Epilogue (epi NULL: y = the exact integer dots d, NCHW), applied while the tile is written, in this float order:
+ *   y[b, o, p] = ((d * alpha[o]) * kmap[b, p] + bias[o]) + res_scale * res[b, o, p]
+ * alpha [Cout], kmap [B, Ho*Wo], bias [Cout], res [B, Cout, Ho, Wo] (res_nhwc 0) or [B, Ho, Wo, Cout] (res_nhwc 1);
+ * each may be NULL (factor 1, term 0).
  */
+typedef struct {
+    const float *alpha, *kmap, *bias, *res;
+    float res_scale;
+    int32_t res_nhwc, out_nhwc;
+} bidm_epilogue;
+
+/* One output pixel m (NCHW offset of its channel 0: nchw0) of a micro-tile: channels o0 .. o0+nj-1 from column i of v, through the epilogue. */
+static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0, int64_t HWo, int64_t Cout,
+                               int64_t o0, int64_t nj, int32_t v[NR][MR], int i, float *y) {
+    const int64_t nchw = nchw0 + o0 * HWo, nhwc = m * Cout + o0;
+    const int64_t ostride = e->out_nhwc ? 1 : HWo, rstride = e->res_nhwc ? 1 : HWo;
+    float *yo = y + (e->out_nhwc ? nhwc : nchw);
+    const float km = e->kmap ? e->kmap[m] : 1.0f;
+    const float *ro = e->res ? e->res + (e->res_nhwc ? nhwc : nchw) : NULL;
+    for (int64_t j = 0; j < nj; j++) {
+        float f = (float)v[j][i];
+        if (e->alpha) f *= e->alpha[o0 + j];
+        if (e->kmap) f *= km;
+        if (e->bias) f += e->bias[o0 + j];
+        if (ro) f += e->res_scale * ro[j * rstride];
+        yo[j * ostride] = f;
+    }
+}
+
 int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin, const uint64_t *panel,
                 const int32_t *tapsum_t, int64_t Cout, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                int64_t pw, int64_t Ho, int64_t Wo, int mode, float *y, int nthreads) {
+                int64_t pw, int64_t Ho, int64_t Wo, int mode, float *y, int nthreads, const bidm_epilogue *epi) {
     const int64_t Wc = (Cin + 63) / 64, T = kh * kw, KW = T * Wc, HWo = Ho * Wo, M = B * HWo;
     const int64_t npan = (Cout + NR - 1) / NR;
     if (T > 64) return -1; /* the per-pixel padded-tap mask is one uint64 */
@@ -244,6 +327,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
     }
     const int64_t ntile = (M + mc - 1) / mc;
     int status = 0;
+    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, 0.0f, 0, 0}, e = epi ? *epi : plain;
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (ntile > 1)
@@ -253,8 +337,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         uint64_t *split = SPLIT == 2 ? (uint64_t *)malloc(rows_cap * 2 * sizeof(uint64_t)) : raw;
         uint64_t *padmask = (uint64_t *)malloc((size_t)(mc + MR) * sizeof(uint64_t));
         int32_t *popa = (int32_t *)malloc((size_t)(mc + MR) * sizeof(int32_t));
-        float **ybase = (float **)malloc((size_t)(mc + MR) * sizeof(float *));
-        const int ok = raw && split && padmask && popa && ybase;
+        int64_t *pix = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* NCHW offset of (b, 0, oh, ow) */
+        const int ok = raw && split && padmask && popa && pix;
         if (!ok) {
 #pragma omp atomic write
             status = -2;
@@ -271,11 +355,10 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                 padmask[i] = 0;
                 if (i >= nm) { /* rows past the end of the batch: computed, never written */
                     memset(dst, 0, (size_t)KW * sizeof(uint64_t));
-                    ybase[i] = NULL;
                     continue;
                 }
                 const int64_t m = m0 + i, b = m / HWo, r = m % HWo, oh = r / Wo, ow = r % Wo;
-                ybase[i] = y + b * Cout * HWo + r;
+                pix[i] = b * Cout * HWo + r;
                 if (direct) continue;
                 for (int64_t dy = 0; dy < kh; dy++) {
                     const int64_t ih = oh * sh - ph + dy;
@@ -333,14 +416,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                                 for (int j = 0; j < NR; j++) v[j][i] -= ts[j];
                             }
                     }
-                    if (i0 + MR <= nm && ybase[i0 + MR - 1] == ybase[i0] + MR - 1) {
-                        float *yo = ybase[i0] + pb * NR * HWo; /* MR adjacent outputs per channel */
-                        for (int64_t j = 0; j < nj; j++)
-                            for (int i = 0; i < MR; i++) yo[j * HWo + i] = (float)v[j][i];
-                    } else {
-                        for (int64_t i = 0; i < MR && i0 + i < nm; i++)
-                            for (int64_t j = 0; j < nj; j++) ybase[i0 + i][(pb * NR + j) * HWo] = (float)v[j][i];
-                    }
+                    for (int64_t i = 0; i < MR && i0 + i < nm; i++)
+                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v, (int)i, y);
                 }
             }
         }
@@ -348,7 +425,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         if (SPLIT == 2) free(split);
         free(padmask);
         free(popa);
-        free(ybase);
+        free(pix);
     }
     return status;
 }

@@ -14,6 +14,9 @@ hooks on it or its parents (the TBS wrapper hooks blocks by name). What changes 
   weight (XNOR, BiDM, ReActNet, BBCU, DoReFa); the packed layer's ``weight_scale()`` returns it;
 - the tensors in ``merged_into_weight`` (EfficientDM's LoRA factors) are dropped: they are folded into the bits.
 
+XNOR and BiDM convs run a fused forward instead (`bidm.export.fused`: one input pass, the real-valued factors applied
+while the kernel writes, channels-last output); ``binary_op`` and the generic path stay for every other layer.
+
 Everything else (FP bias, thresholds, k-convs, shortcut convs and scales, RPReLU, Gamma, step sizes) stays as is.
 The latent weight is replaced by a shape-only ``meta`` placeholder (not a parameter or buffer), so code that reads
 its shape still works and code that computes from it fails; such a method cannot be packed.
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bidm.binarize.core import BinaryConv2d, BinaryLayer, BinaryLinear
-from bidm.export import kernels, pack
+from bidm.export import fused, kernels, pack
 
 
 class PackedLayer:
@@ -34,6 +37,10 @@ class PackedLayer:
     packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = fused.fused_forward(self, x)
+        if fast is not None:
+            with torch.no_grad():
+                return fast(self, x).to(x.dtype)
         with torch.no_grad():
             a = self.quantize_input(x)
             y = self.binary_op(a).to(x.dtype)

@@ -1,0 +1,87 @@
+"""Fused packed forwards: the layers whose real-valued parts fit the kernel's two fused passes.
+
+A generic packed layer runs ``quantize_input`` (a torch pass writing ±1 floats), packs them (a second read),
+runs the popcount GEMM, then ``postprocess`` (several torch passes over the output). For the methods below the
+same forward is three steps, each one pass over its tensor:
+
+    words, mean = pack_input(x, b)                      # sign(x + b) bit-packed, and mean_c|x|, one read of x
+    K, s        = k_map(layer, mean), shortcut(x)       # the small FP parts: a 1-channel conv, a pool / 1x1 conv
+    y           = binary_conv2d(words, W, Epilogue(alpha, K, bias, |s|·s))   # written once, channels last
+
+| method (conv) | threshold b | K map | shortcut |
+|---|---|---|---|
+| xnor | none | fixed box filter ``filter_k`` | none |
+| bidm | ``act_shift`` | learnable 1->1 conv ``filter_k`` | ``shortcut`` (identity / avg-pool / FP 1x1) x factor |
+
+The output is written channels last (``[B, H, W, C]`` memory, shape ``[B, C, H, W]``): the norms and element-wise
+ops that follow keep that layout, so the next binary layer packs its input per pixel without a transpose. Values
+are the fake-binary layer's up to float rounding (the codes are exact; the reference twin, ``BIDM_KERNEL=ref``, is
+the same three steps in torch). ``BIDM_FUSED=0`` turns the fused forwards off (the generic packed path runs).
+Linear layers and every other method take the generic path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bidm.binarize.bidm import BiDMConv2d
+from bidm.binarize.xnor import XnorConv2d
+from bidm.export import kernels
+
+
+def enabled() -> bool:
+    value = os.environ.get("BIDM_FUSED", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"BIDM_FUSED={value!r}; expected 0 or 1")
+    return value == "1"
+
+
+def k_map(layer: nn.Module, mean: torch.Tensor) -> torch.Tensor:
+    """K = k (*) mean_c|x|: [B, 1, Ho, Wo] (``filter_k`` is a buffer for XNOR, a module for BiDM)."""
+    if isinstance(layer.filter_k, nn.Module):
+        return layer.filter_k(mean)
+    return F.conv2d(mean, layer.filter_k, None, layer.stride, layer.padding, layer.dilation)
+
+
+def shortcut(layer: nn.Module, x: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    """(unscaled shortcut of x, its scale as a float32 value)."""
+    factor = layer.shortcut.factor()
+    scale = float(factor.detach().float()) if torch.is_tensor(factor) else float(factor)
+    return layer.shortcut.unscaled(x, out_hw), scale
+
+
+def _conv(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, with_shortcut: bool) -> torch.Tensor:
+    words, mean = kernels.pack_input(x, shift, layer.a_code, absmean=True)
+    kmap = k_map(layer, mean)
+    res, scale = shortcut(layer, x, tuple(kmap.shape[-2:])) if with_shortcut else (None, 1.0)
+    epi = kernels.Epilogue(alpha=layer.weight_scale(), kmap=kmap, bias=layer.bias, res=res, res_scale=scale)
+    weight = layer.kernel_weight()
+    return kernels.binary_conv2d(
+        words, weight, layer.stride, layer.packed_padding, layer.a_code, epilogue=epi, channels_last=True
+    )
+
+
+def xnor_conv(layer: XnorConv2d, x: torch.Tensor) -> torch.Tensor:
+    """``(sign(x) (*) sign(W)) . K . alpha + bias``."""
+    return _conv(layer, x, None, with_shortcut=False)
+
+
+def bidm_conv(layer: BiDMConv2d, x: torch.Tensor) -> torch.Tensor:
+    """``(sign(x + b) (*) sign(W)) . alpha . K + bias + |s| . shortcut(x)``."""
+    return _conv(layer, x, layer.act_shift, with_shortcut=True)
+
+
+FUSED: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {XnorConv2d: xnor_conv, BiDMConv2d: bidm_conv}
+
+
+def fused_forward(layer: nn.Module, x: torch.Tensor) -> Callable | None:
+    """The fused forward of ``layer`` for input ``x``, or None (generic path)."""
+    fn = FUSED.get(getattr(layer, "fake_class", None))
+    if fn is None or x.device.type != "cpu" or x.dim() != 4 or not enabled():
+        return None
+    return fn
