@@ -201,5 +201,14 @@ def test_epilogue_equals_torch_after_the_dots(impl, channels_last):
         y = kernels.binary_conv2d(words, weight, (s, s), (p, p), epilogue=epi, channels_last=channels_last, impl=impl)
         assert y.shape == dots.shape and kernels.is_channels_last(y) == channels_last
         torch.testing.assert_close(y, epi.apply(dots), rtol=0, atol=0)  # same float ops, same order
+        # the K map computed by the kernel from mean_c|x| and the 1-channel conv (up to summation order)
+        mean, k_weight = torch.rand(2, 1, h, h, generator=gen), torch.rand(1, 1, k, k, generator=gen)
+        kmap = F.conv2d(mean, k_weight, torch.tensor([0.2]), s, p)
+        epi_k = kernels.Epilogue(epi.alpha, None, epi.bias, res, 0.3, mean, k_weight, 0.2)
+        y_k = kernels.binary_conv2d(
+            words, weight, (s, s), (p, p), epilogue=epi_k, channels_last=channels_last, impl=impl
+        )
+        epi.kmap = kmap
+        torch.testing.assert_close(y_k, epi.apply(dots), rtol=1e-6, atol=1e-5)
         plain = kernels.binary_conv2d(words, weight, (s, s), (p, p), channels_last=channels_last, impl=impl)
         assert torch.equal(plain, dots)

@@ -284,28 +284,30 @@ DEFINE_MICRO_SCALAR(micro_and, &)
  * Padding is (top, left) = (ph, pw); bottom/right padding is whatever Ho, Wo imply.
  *
  * Epilogue (epi NULL: y = the exact integer dots d, NCHW), applied while the tile is written, in this float order:
- *   y[b, o, p] = ((d * alpha[o]) * kmap[b, p] + bias[o]) + res_scale * res[b, o, p]
- * alpha [Cout], kmap [B, Ho*Wo], bias [Cout], res [B, Cout, Ho, Wo] (res_nhwc 0) or [B, Ho, Wo, Cout] (res_nhwc 1);
- * each may be NULL (factor 1, term 0).
+ *   y[b, o, p] = ((d * alpha[o]) * K[b, p] + bias[o]) + res_scale * res[b, o, p]
+ * alpha [Cout], bias [Cout], res [B, Cout, Ho, Wo] (res_nhwc 0) or [B, Ho, Wo, Cout] (res_nhwc 1); each may be NULL
+ * (factor 1, term 0). K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K map computed in the tile:
+ *   K[b, p] = sum over in-bounds taps t of kweight[t] * kmean[b, ih(p, t), iw(p, t)] + kbias
+ * (XNOR/BiDM's 1-channel conv of mean_c|x| [B, H, W], same kernel, stride and zero padding as the binary conv);
+ * else 1.
  */
 typedef struct {
-    const float *alpha, *kmap, *bias, *res;
-    float res_scale;
+    const float *alpha, *kmap, *bias, *res, *kmean, *kweight;
+    float res_scale, kbias;
     int32_t res_nhwc, out_nhwc;
 } bidm_epilogue;
 
 /* One output pixel m (NCHW offset of its channel 0: nchw0) of a micro-tile: channels o0 .. o0+nj-1 from column i of v, through the epilogue. */
 static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0, int64_t HWo, int64_t Cout,
-                               int64_t o0, int64_t nj, int32_t v[NR][MR], int i, float *y) {
+                               int64_t o0, int64_t nj, int32_t v[NR][MR], int i, float km, float *y) {
     const int64_t nchw = nchw0 + o0 * HWo, nhwc = m * Cout + o0;
     const int64_t ostride = e->out_nhwc ? 1 : HWo, rstride = e->res_nhwc ? 1 : HWo;
     float *yo = y + (e->out_nhwc ? nhwc : nchw);
-    const float km = e->kmap ? e->kmap[m] : 1.0f;
     const float *ro = e->res ? e->res + (e->res_nhwc ? nhwc : nchw) : NULL;
     for (int64_t j = 0; j < nj; j++) {
         float f = (float)v[j][i];
         if (e->alpha) f *= e->alpha[o0 + j];
-        if (e->kmap) f *= km;
+        if (e->kmap || e->kmean) f *= km;
         if (e->bias) f += e->bias[o0 + j];
         if (ro) f += e->res_scale * ro[j * rstride];
         yo[j * ostride] = f;
@@ -327,7 +329,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
     }
     const int64_t ntile = (M + mc - 1) / mc;
     int status = 0;
-    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, 0.0f, 0, 0}, e = epi ? *epi : plain;
+    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, 0.0f, 0, 0}, e = epi ? *epi : plain;
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (ntile > 1)
@@ -338,7 +340,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         uint64_t *padmask = (uint64_t *)malloc((size_t)(mc + MR) * sizeof(uint64_t));
         int32_t *popa = (int32_t *)malloc((size_t)(mc + MR) * sizeof(int32_t));
         int64_t *pix = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* NCHW offset of (b, 0, oh, ow) */
-        const int ok = raw && split && padmask && popa && pix;
+        float *kv = (float *)malloc((size_t)(mc + MR) * sizeof(float));          /* K map value per pixel */
+        const int ok = raw && split && padmask && popa && pix && kv;
         if (!ok) {
 #pragma omp atomic write
             status = -2;
@@ -359,6 +362,20 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                 }
                 const int64_t m = m0 + i, b = m / HWo, r = m % HWo, oh = r / Wo, ow = r % Wo;
                 pix[i] = b * Cout * HWo + r;
+                if (e.kmean) {
+                    float k = 0.0f;
+                    for (int64_t dy = 0; dy < kh; dy++) {
+                        const int64_t ih = oh * sh - ph + dy;
+                        if (ih < 0 || ih >= H) continue;
+                        for (int64_t dx = 0; dx < kw; dx++) {
+                            const int64_t iw = ow * sw - pw + dx;
+                            if (iw >= 0 && iw < W) k += e.kweight[dy * kw + dx] * e.kmean[(b * H + ih) * W + iw];
+                        }
+                    }
+                    kv[i] = k + e.kbias;
+                } else {
+                    kv[i] = e.kmap ? e.kmap[m] : 1.0f;
+                }
                 if (direct) continue;
                 for (int64_t dy = 0; dy < kh; dy++) {
                     const int64_t ih = oh * sh - ph + dy;
@@ -417,7 +434,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                             }
                     }
                     for (int64_t i = 0; i < MR && i0 + i < nm; i++)
-                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v, (int)i, y);
+                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v, (int)i, kv[i0 + i], y);
                 }
             }
         }
@@ -426,6 +443,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         free(padmask);
         free(popa);
         free(pix);
+        free(kv);
     }
     return status;
 }

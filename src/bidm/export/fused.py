@@ -5,8 +5,10 @@ runs the popcount GEMM, then ``postprocess`` (several torch passes over the outp
 same forward is three steps, each one pass over its tensor:
 
     words, mean = pack_input(x, b)                      # sign(x + b) bit-packed, and mean_c|x|, one read of x
-    K, s        = k_map(layer, mean), shortcut(x)       # the small FP parts: a 1-channel conv, a pool / 1x1 conv
-    y           = binary_conv2d(words, W, Epilogue(alpha, K, bias, |s|·s))   # written once, channels last
+    s           = shortcut(x)                           # the FP part: identity, a pool or a 1x1 conv
+    y           = binary_conv2d(words, W, Epilogue(alpha, k (*) mean, bias, |s|·s))   # written once, channels last
+
+The kernel computes the K map (the 1-channel conv k (*) mean_c|x|) per output tile from ``mean``.
 
 | method (conv) | threshold b | K map | shortcut |
 |---|---|---|---|
@@ -27,7 +29,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bidm.binarize.bidm import BiDMConv2d
 from bidm.binarize.xnor import XnorConv2d
@@ -41,11 +42,12 @@ def enabled() -> bool:
     return value == "1"
 
 
-def k_map(layer: nn.Module, mean: torch.Tensor) -> torch.Tensor:
-    """K = k (*) mean_c|x|: [B, 1, Ho, Wo] (``filter_k`` is a buffer for XNOR, a module for BiDM)."""
+def k_params(layer: nn.Module) -> tuple[torch.Tensor, float]:
+    """The K map's 1-channel conv: (weight [1, 1, kh, kw], bias) (a buffer for XNOR, a module for BiDM)."""
     if isinstance(layer.filter_k, nn.Module):
-        return layer.filter_k(mean)
-    return F.conv2d(mean, layer.filter_k, None, layer.stride, layer.padding, layer.dilation)
+        bias = layer.filter_k.bias
+        return layer.filter_k.weight, 0.0 if bias is None else float(bias.detach().float())
+    return layer.filter_k, 0.0
 
 
 def shortcut(layer: nn.Module, x: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, float]:
@@ -57,9 +59,10 @@ def shortcut(layer: nn.Module, x: torch.Tensor, out_hw: tuple[int, int]) -> tupl
 
 def _conv(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, with_shortcut: bool) -> torch.Tensor:
     words, mean = kernels.pack_input(x, shift, layer.a_code, absmean=True)
-    kmap = k_map(layer, mean)
-    res, scale = shortcut(layer, x, tuple(kmap.shape[-2:])) if with_shortcut else (None, 1.0)
-    epi = kernels.Epilogue(alpha=layer.weight_scale(), kmap=kmap, bias=layer.bias, res=res, res_scale=scale)
+    out_hw = kernels.conv_output_size(*x.shape[2:], layer.kernel_size, layer.stride, layer.packed_padding)
+    res, scale = shortcut(layer, x, out_hw) if with_shortcut else (None, 1.0)
+    k_weight, k_bias = k_params(layer)
+    epi = kernels.Epilogue(layer.weight_scale(), None, layer.bias, res, scale, mean, k_weight, k_bias)
     weight = layer.kernel_weight()
     return kernels.binary_conv2d(
         words, weight, layer.stride, layer.packed_padding, layer.a_code, epilogue=epi, channels_last=True

@@ -308,10 +308,12 @@ def pack_activation(a: torch.Tensor, code: str = "pm1", *, impl: str | None = No
 class Epilogue:
     """Real-valued factors applied while the kernel writes its output, in this float order:
 
-        y[b, o, p] = ((d[b, o, p] * alpha[o]) * kmap[b, 0, p] + bias[o]) + res_scale * res[b, o, p]
+        y[b, o, p] = ((d[b, o, p] * alpha[o]) * K[b, 0, p] + bias[o]) + res_scale * res[b, o, p]
 
-    ``d`` = the exact integer dot; ``alpha`` / ``bias`` [Cout], ``kmap`` [B, 1, Ho, Wo], ``res`` [B, Cout, Ho, Wo]
-    (NCHW or channels last); None = factor 1 / term 0.
+    ``d`` = the exact integer dot; ``alpha`` / ``bias`` [Cout], ``res`` [B, Cout, Ho, Wo] (NCHW or channels last);
+    None = factor 1 / term 0. ``K`` is ``kmap`` [B, 1, Ho, Wo] when given, else, with ``kmean`` [B, 1, H, W],
+    the 1-channel conv ``k_weight`` [1, 1, kh, kw] (+ ``k_bias``) of ``kmean`` with the binary conv's kernel size,
+    stride and zero padding, computed by the kernel per output tile (XNOR/BiDM's K map); else 1.
     """
 
     alpha: torch.Tensor | None = None
@@ -319,13 +321,24 @@ class Epilogue:
     bias: torch.Tensor | None = None
     res: torch.Tensor | None = None
     res_scale: float = 1.0
+    kmean: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    k_bias: float = 0.0
 
-    def apply(self, y: torch.Tensor) -> torch.Tensor:
+    def k_map(self, stride, padding) -> torch.Tensor | None:
+        if self.kmap is not None or self.kmean is None:
+            return self.kmap
+        bias = torch.tensor([self.k_bias], dtype=torch.float32)
+        return F.conv2d(self.kmean.float(), self.k_weight.float().reshape(1, 1, *self.k_weight.shape[-2:]), bias,
+                        stride, padding)  # fmt: skip
+
+    def apply(self, y: torch.Tensor, stride=(1, 1), padding=(0, 0)) -> torch.Tensor:
         """The reference twin: the same float operations on a float32 ``[B, Cout, Ho, Wo]`` of dots."""
         if self.alpha is not None:
             y = y * self.alpha.reshape(1, -1, 1, 1)
-        if self.kmap is not None:
-            y = y * self.kmap
+        kmap = self.k_map(stride, padding)
+        if kmap is not None:
+            y = y * kmap
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         if self.res is not None:
@@ -334,21 +347,18 @@ class Epilogue:
 
 
 class _CEpilogue(ctypes.Structure):
-    _fields_ = [
-        ("alpha", ctypes.c_void_p),
-        ("kmap", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        ("res", ctypes.c_void_p),
+    _fields_ = [(name, ctypes.c_void_p) for name in ("alpha", "kmap", "bias", "res", "kmean", "kweight")] + [
         ("res_scale", ctypes.c_float),
+        ("kbias", ctypes.c_float),
         ("res_nhwc", ctypes.c_int32),
         ("out_nhwc", ctypes.c_int32),
     ]
 
 
-def _c_epilogue(epi: Epilogue | None, shape: tuple, channels_last: bool) -> tuple[_CEpilogue, list]:
+def _c_epilogue(epi: Epilogue | None, shape: tuple, in_hw: tuple, kernel: tuple, channels_last: bool):
     """The C struct and the float32 tensors it points to (kept alive by the caller)."""
     if epi is None:
-        return _CEpilogue(None, None, None, None, 0.0, 0, int(channels_last)), []
+        return _CEpilogue(None, None, None, None, None, None, 0.0, 0.0, 0, int(channels_last)), []
     b, cout, ho, wo = shape
 
     def vec(t, n):
@@ -359,13 +369,15 @@ def _c_epilogue(epi: Epilogue | None, shape: tuple, channels_last: bool) -> tupl
             raise ValueError(f"epilogue tensor has {t.numel()} values, expected {n}")
         return t
 
+    kmean = vec(epi.kmean, b * in_hw[0] * in_hw[1]) if epi.kmap is None else None
+    kweight = vec(epi.k_weight, kernel[0] * kernel[1]) if kmean is not None else None
     alpha, bias, kmap = vec(epi.alpha, cout), vec(epi.bias, cout), vec(epi.kmap, b * ho * wo)
     res, res_nhwc = (None, False) if epi.res is None else _dense(epi.res)
     if res is not None and tuple(res.shape) != tuple(shape):
         raise ValueError(f"epilogue residual has shape {tuple(res.shape)}, expected {tuple(shape)}")
-    keep = [alpha, kmap, bias, res]
-    c = _CEpilogue(*(t.data_ptr() if t is not None else None for t in keep), float(epi.res_scale), int(res_nhwc),
-                   int(channels_last))  # fmt: skip
+    keep = [alpha, kmap, bias, res, kmean, kweight]
+    c = _CEpilogue(*(t.data_ptr() if t is not None else None for t in keep), float(epi.res_scale), float(epi.k_bias),
+                   int(res_nhwc), int(channels_last))  # fmt: skip
     return c, keep
 
 
@@ -397,7 +409,7 @@ def binary_conv2d(
     if backend(impl) == "ref":
         out = reference_conv2d(a_words.numpy(), weight.words.numpy(), weight.cin, stride, padding, code)
         y = torch.from_numpy(out.astype(np.float32))
-        y = y if epilogue is None else epilogue.apply(y)
+        y = y if epilogue is None else epilogue.apply(y, stride, padding)
         return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     lib = library()
     (kh, kw), (sh, sw), (ph, pw) = weight.kernel_size, stride, padding
@@ -405,7 +417,7 @@ def binary_conv2d(
         y = torch.empty(b, ho, wo, weight.cout, dtype=torch.float32).permute(0, 3, 1, 2)
     else:
         y = torch.empty(b, weight.cout, ho, wo, dtype=torch.float32)
-    epi, _keep = _c_epilogue(epilogue, (b, weight.cout, ho, wo), channels_last)
+    epi, _keep = _c_epilogue(epilogue, (b, weight.cout, ho, wo), (h, w), weight.kernel_size, channels_last)
     a_words = a_words.contiguous()
     status = lib.bidm_conv2d(
         _ptr(a_words), b, h, w, weight.cin, _ptr(weight.get_panel(lib)), _ptr(weight.tapsum), weight.cout,

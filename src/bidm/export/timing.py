@@ -2,8 +2,8 @@
 everything else (FP layers, norms, attention, ...). Used by ``bench/kernel.py``.
 
 Fused layers (`bidm.export.fused`) count their input pass (threshold + sign + pack + mean|x|) under ``pack``, the
-kernel with its epilogue under ``popcount gemm``, and their FP parts (K-map conv, shortcut pool / 1x1 conv) under
-``K map + shortcut``; generic layers count ``sign`` (quantize_input) and ``postprocess`` separately."""
+kernel with its epilogue (alpha, K map, bias, shortcut add) under ``popcount gemm``, and the shortcut's pool / FP
+1x1 conv under ``shortcut (FP)``; generic layers count ``sign`` (quantize_input) and ``postprocess`` separately."""
 
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def _instrumented(model: nn.Module, acc: dict):
     # binary_linear calls binary_conv2d through the module global: patching the latter counts both, once
     patched_fns = {"pack_activation": "pack", "pack_input": "pack", "binary_conv2d": "popcount gemm"}
     saved = {name: getattr(kernels, name) for name in patched_fns}
-    saved_fused = {name: getattr(fused, name) for name in ("k_map", "shortcut")}
+    saved_fused = {name: getattr(fused, name) for name in ("shortcut",)}
     layers = [m for m in model.modules() if is_packed(m)]
     try:
         for name, bucket in patched_fns.items():
             setattr(kernels, name, _timed(saved[name], bucket, acc))
         for name, fn in saved_fused.items():
-            setattr(fused, name, _timed(fn, "K map + shortcut", acc))
+            setattr(fused, name, _timed(fn, "shortcut (FP)", acc))
         for m in layers:
             m.quantize_input = _timed(type(m).quantize_input.__get__(m), "sign", acc)
             m.postprocess = _timed(type(m).postprocess.__get__(m), "postprocess", acc)
