@@ -205,3 +205,5 @@ def test_export_command_writes_a_file_that_sample_can_load(tmp_path, capsys):
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t), model.eval()(x, t), rtol=1e-4, atol=1e-5)
+    assert main(["sample", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    assert "images/s (packed XNOR-popcount kernel" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from bidm.commands.common import add_force_arg, check_outputs, count, nonnegative, nonnegative_int
@@ -35,6 +36,18 @@ def load_any(path: str, use_ema: bool = True):
     return load_model(path, use_ema=use_ema)
 
 
+def speed_line(model, n: int, seconds: float) -> str:
+    """``sampling: N images in S s = R images/s (packed XNOR-popcount kernel: c, 2 threads)``."""
+    import torch
+
+    from bidm.export import is_packed, kernel_info
+
+    packed = any(is_packed(m) for m in model.modules())
+    kind = f"packed XNOR-popcount kernel: {kernel_info()['backend']}" if packed else "PyTorch"
+    rate = n / seconds if seconds > 0 else float("inf")
+    return f"sampling: {n} images in {seconds:.2f} s = {rate:.2f} images/s ({kind}, {torch.get_num_threads()} threads)"
+
+
 def main(args) -> int:
     from bidm.checkpoint import resolve
     from bidm.npz_io import save_grid, save_samples_npz
@@ -44,6 +57,7 @@ def main(args) -> int:
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
     check_outputs([out / "samples.npz", out / "samples.png"], [resolve(src)], force=args.force)
     model, cfg = load_any(args.model, use_ema=not args.raw)
+    start = time.perf_counter()
     images = generate(
         model,
         cfg,
@@ -54,7 +68,9 @@ def main(args) -> int:
         skip=args.skip,
         seed=args.seed,
     )
+    seconds = time.perf_counter() - start
     save_samples_npz(out / "samples.npz", images)
     save_grid(images[:64], out / "samples.png")
     print(f"{len(images)} samples: {out / 'samples.npz'}, grid: {out / 'samples.png'}")
+    print(f"{speed_line(model, len(images), seconds)}")
     return 0
