@@ -89,6 +89,24 @@ def test_fused_forward_equals_fake_binary_in_both_layouts(method, impl, monkeypa
         torch.testing.assert_close(generic, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_constants_follow_state_dict_changes_and_the_model_runs_channels_last():
+    gen = torch.Generator().manual_seed(4)
+    layer = perturbed(binarize_(nn.Conv2d(16, 16, 3, padding=1), "bidm"), gen).eval()
+    packed = convert_(copy.deepcopy(layer))
+    x = torch.randn(2, 16, 5, 5, generator=gen)
+    with torch.no_grad():
+        packed(x)  # fills the cache
+        for module in (layer, packed):
+            module.act_shift.add_(0.5)
+            module.filter_k.bias.add_(0.1)
+            module.shortcut.scale.mul_(2.0)
+        torch.testing.assert_close(packed(x), layer(x), rtol=1e-4, atol=1e-5)
+    model = pack_(perturbed(build_model(tiny_config("xnor")), gen).eval())
+    with torch.no_grad():
+        eps = model(torch.randn(2, 3, 8, 8, generator=gen), torch.tensor([10, 20]))
+    assert kernels.is_channels_last(eps)  # FP convs read channels last: one layout through the network
+
+
 def test_packed_state_dict_replaces_latent_weight_by_bits():
     layer = binarize_(nn.Conv2d(70, 8, 3, padding=1), "efficientdm")
     packed = convert_(copy.deepcopy(layer))

@@ -280,7 +280,8 @@ def _pack_c(x, shift, code, absmean):
     spatial = tuple(x.shape[2:])
     words = torch.empty(b, *spatial, pack.num_words(c), dtype=torch.int64)
     mean = torch.empty(b, 1, *spatial, dtype=torch.float32) if absmean else None
-    shift = None if shift is None else shift.detach().to(torch.float32).contiguous()
+    if shift is not None and (shift.dtype != torch.float32 or not shift.is_contiguous()):
+        shift = shift.detach().to(torch.float32).contiguous()
     lib.bidm_pack_input(
         _ptr(x), b, c, hw, int(nhwc), _ptr(shift), _MODES[code], _ptr(words), _ptr(mean), torch.get_num_threads()
     )
@@ -364,7 +365,8 @@ def _c_epilogue(epi: Epilogue | None, shape: tuple, in_hw: tuple, kernel: tuple,
     def vec(t, n):
         if t is None:
             return None
-        t = t.detach().to(torch.float32).reshape(-1).contiguous()
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            t = t.detach().to(torch.float32).contiguous()
         if t.numel() != n:
             raise ValueError(f"epilogue tensor has {t.numel()} values, expected {n}")
         return t

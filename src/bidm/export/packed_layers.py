@@ -198,9 +198,26 @@ def is_packed(module) -> bool:
     return isinstance(module, PackedLayer)
 
 
+def _channels_last_input(module: torch.nn.Module, args: tuple):
+    x = args[0] if args else None
+    if torch.is_tensor(x) and x.dim() == 4 and x.device.type == "cpu" and fused.enabled():
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
 def pack_(model: torch.nn.Module) -> torch.nn.Module:
-    """Convert every binarized layer of ``model`` (or ``model`` itself) to its packed form, in place."""
+    """Convert every binarized layer of ``model`` (or ``model`` itself) to its packed form, in place.
+
+    When some layer takes a fused forward (it writes channels last), the FP ``nn.Conv2d`` layers the model keeps
+    (conv_in, 1x1 skips, ...) get a forward pre-hook that reads their input channels last, so the whole network runs
+    in one layout: an element-wise op between an NCHW and a channels-last tensor is many times slower than either.
+    """
     for module in list(model.modules()):
         if isinstance(module, BinaryLayer) and not isinstance(module, PackedLayer):
             convert_(module)
+    if any(getattr(m, "fake_class", None) in fused.FUSED for m in model.modules()):
+        for m in model.modules():
+            if type(m) is torch.nn.Conv2d and m.in_channels > 1 and not getattr(m, "_bidm_channels_last", False):
+                m.register_forward_pre_hook(_channels_last_input)
+                m._bidm_channels_last = True
     return model
