@@ -39,7 +39,10 @@
 
 #define BIDM_ABI_VERSION 2
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes) */
-#define MR 4  /* pixels per micro-kernel call */
+#ifndef BIDM_MR
+#define BIDM_MR 2
+#endif
+#define MR BIDM_MR /* pixels per micro-kernel call; 2 beat 3 and 4 here (4 spills accumulators), -DBIDM_MR=N to try */
 #define MC 64 /* pixels per task (im2col tile) */
 
 int bidm_abi_version(void) { return BIDM_ABI_VERSION; }
@@ -202,11 +205,11 @@ void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *pane
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Micro-kernels: cnt[j][i] = sum_k popc(OP(A[i][k], P[k][j])), i < MR pixels, j < NR channels. */
+ * Micro-kernels: cnt[i][j] = sum_k popc(OP(A[i][k], P[k][j])), i < MR pixels, j < NR channels. */
 
 #if defined(__AVX2__)
 #define DEFINE_MICRO_AVX2(NAME, OP)                                                                              \
-    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[NR][MR]) {                   \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
         const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, \
                                              3, 1, 2, 2, 3, 2, 3, 3, 4);                                         \
         const __m256i zero = _mm256_setzero_si256();                                                             \
@@ -236,11 +239,11 @@ void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *pane
                 tot[i][1] = _mm256_add_epi64(tot[i][1], _mm256_sad_epu8(c[i][1], zero));                         \
             }                                                                                                    \
         }                                                                                                        \
+        const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6); /* low halves of the 64-bit counts */    \
         for (int i = 0; i < MR; i++) {                                                                           \
-            int64_t t[NR];                                                                                       \
-            _mm256_storeu_si256((__m256i *)t, tot[i][0]);                                                        \
-            _mm256_storeu_si256((__m256i *)(t + 4), tot[i][1]);                                                  \
-            for (int j = 0; j < NR; j++) cnt[j][i] = (int32_t)t[j];                                              \
+            const __m256i lo = _mm256_permutevar8x32_epi32(tot[i][0], even);                                     \
+            const __m256i hi = _mm256_permutevar8x32_epi32(tot[i][1], even);                                     \
+            _mm256_storeu_si256((__m256i *)cnt[i], _mm256_permute2x128_si256(lo, hi, 0x20));                     \
         }                                                                                                        \
     }
 
@@ -250,7 +253,7 @@ DEFINE_MICRO_AVX2(micro_and, _mm256_and_si256)
 #else /* portable scalar micro-kernels */
 
 #define DEFINE_MICRO_SCALAR(NAME, OP)                                                                            \
-    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[NR][MR]) {                   \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
         for (int i = 0; i < MR; i++) {                                                                           \
             const uint64_t *a = A + i * KW;                                                                      \
             int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;                              \
@@ -265,8 +268,8 @@ DEFINE_MICRO_AVX2(micro_and, _mm256_and_si256)
                 s6 += popc64(x OP p[6]);                                                                         \
                 s7 += popc64(x OP p[7]);                                                                         \
             }                                                                                                    \
-            cnt[0][i] = s0, cnt[1][i] = s1, cnt[2][i] = s2, cnt[3][i] = s3;                                      \
-            cnt[4][i] = s4, cnt[5][i] = s5, cnt[6][i] = s6, cnt[7][i] = s7;                                      \
+            cnt[i][0] = s0, cnt[i][1] = s1, cnt[i][2] = s2, cnt[i][3] = s3;                                      \
+            cnt[i][4] = s4, cnt[i][5] = s5, cnt[i][6] = s6, cnt[i][7] = s7;                                      \
         }                                                                                                        \
     }
 
@@ -297,15 +300,38 @@ typedef struct {
     int32_t res_nhwc, out_nhwc;
 } bidm_epilogue;
 
-/* One output pixel m (NCHW offset of its channel 0: nchw0) of a micro-tile: channels o0 .. o0+nj-1 from column i of v, through the epilogue. */
+/* One output pixel m (NCHW offset of its channel 0: nchw0) of a micro-tile: the dots v[0 .. nj-1] of channels
+ * o0 .. o0+nj-1, through the epilogue (AVX2: one 8-float vector per pixel; the same float operations). */
 static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0, int64_t HWo, int64_t Cout,
-                               int64_t o0, int64_t nj, int32_t v[NR][MR], int i, float km, float *y) {
+                               int64_t o0, int64_t nj, const int32_t *v, float km, float *y) {
     const int64_t nchw = nchw0 + o0 * HWo, nhwc = m * Cout + o0;
     const int64_t ostride = e->out_nhwc ? 1 : HWo, rstride = e->res_nhwc ? 1 : HWo;
     float *yo = y + (e->out_nhwc ? nhwc : nchw);
     const float *ro = e->res ? e->res + (e->res_nhwc ? nhwc : nchw) : NULL;
+#if defined(__AVX2__)
+    if (nj == 8 && NR == 8) {
+        float tmp[8];
+        __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)v));
+        if (e->alpha) f = _mm256_mul_ps(f, _mm256_loadu_ps(e->alpha + o0));
+        if (e->kmap || e->kmean) f = _mm256_mul_ps(f, _mm256_set1_ps(km));
+        if (e->bias) f = _mm256_add_ps(f, _mm256_loadu_ps(e->bias + o0));
+        if (ro) {
+            if (!e->res_nhwc)
+                for (int j = 0; j < 8; j++) tmp[j] = ro[j * rstride];
+            const __m256 r = _mm256_loadu_ps(e->res_nhwc ? ro : tmp);
+            f = _mm256_add_ps(f, _mm256_mul_ps(_mm256_set1_ps(e->res_scale), r));
+        }
+        if (e->out_nhwc) {
+            _mm256_storeu_ps(yo, f);
+        } else {
+            _mm256_storeu_ps(tmp, f);
+            for (int j = 0; j < 8; j++) yo[j * ostride] = tmp[j];
+        }
+        return;
+    }
+#endif
     for (int64_t j = 0; j < nj; j++) {
-        float f = (float)v[j][i];
+        float f = (float)v[j];
         if (e->alpha) f *= e->alpha[o0 + j];
         if (e->kmap || e->kmean) f *= km;
         if (e->bias) f += e->bias[o0 + j];
@@ -385,7 +411,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                             memset(dst + t * Wc, 0, (size_t)Wc * sizeof(uint64_t));
                             padmask[i] |= (uint64_t)1 << t;
                         } else {
-                            memcpy(dst + t * Wc, a + ((b * H + ih) * W + iw) * Wc, (size_t)Wc * sizeof(uint64_t));
+                            const uint64_t *src = a + ((b * H + ih) * W + iw) * Wc;
+                            for (int64_t q = 0; q < Wc; q++) dst[t * Wc + q] = src[q]; /* Wc is small: no memcpy call */
                         }
                     }
                 }
@@ -416,25 +443,27 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                 const uint64_t *P = panel + pb * KW * SPLIT * NR;
                 const int64_t nj = (Cout - pb * NR < NR) ? Cout - pb * NR : NR;
                 for (int64_t i0 = 0; i0 < nm_pad; i0 += MR) {
-                    int32_t cnt[NR][MR];
+                    int32_t cnt[MR][NR];
                     if (mode)
                         micro_and(rows + i0 * KW * SPLIT, KW, P, cnt);
                     else
                         micro_xor(rows + i0 * KW * SPLIT, KW, P, cnt);
                     const int32_t *bs = base + i0;
-                    int32_t v[NR][MR];
-                    for (int j = 0; j < NR; j++)
-                        for (int i = 0; i < MR; i++) v[j][i] = bs[i] - 2 * cnt[j][i];
-                    if (!mode && (padmask[i0] | padmask[i0 + 1] | padmask[i0 + 2] | padmask[i0 + 3])) {
+                    int32_t v[MR][NR];
+                    for (int i = 0; i < MR; i++)
+                        for (int j = 0; j < NR; j++) v[i][j] = bs[i] - 2 * cnt[i][j];
+                    uint64_t anypad = 0;
+                    for (int i = 0; i < MR; i++) anypad |= padmask[i0 + i];
+                    if (!mode && anypad) {
                         /* padded taps of pm1 inputs were packed as +1: take back what they added */
                         for (int i = 0; i < MR; i++)
                             for (uint64_t pm = padmask[i0 + i]; pm; pm &= pm - 1) {
                                 const int32_t *ts = tapsum_t + __builtin_ctzll(pm) * npan * NR + pb * NR;
-                                for (int j = 0; j < NR; j++) v[j][i] -= ts[j];
+                                for (int j = 0; j < NR; j++) v[i][j] -= ts[j];
                             }
                     }
                     for (int64_t i = 0; i < MR && i0 + i < nm; i++)
-                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v, (int)i, kv[i0 + i], y);
+                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v[i], kv[i0 + i], y);
                 }
             }
         }
