@@ -5,9 +5,10 @@
     python bench/kernel.py --threads 2 --batch 64 --out bench/out/kernel.json
 
 Per conv: every distinct binarized 3x3 conv (Cin, Cout, H, W, stride, padding) of the UNet's forward, FP32
-``F.conv2d`` (x, weight, bias) against the packed path = bit-packing of the input codes + the XNOR-popcount kernel
-(the sign itself, which both the fake-binary and the packed model compute, is outside both timings). ``share`` is
-the fraction of the packed time spent packing. ``all 3x3`` weights each shape by how often the forward runs it.
+``F.conv2d`` (x, weight, bias) on an NCHW input against the fused packed conv on the same values stored channels
+last (as the packed model holds them): the input pass (threshold, sign, bit-pack, mean|x|) + the XNOR-popcount
+kernel with its epilogue (alpha, K map, bias), FP input to FP output. ``pack share`` is the fraction of the packed
+time in the input pass. ``all 3x3`` weights each shape by how often the forward runs it.
 
 Full step: one ``model(x, t)`` of the FP UNet (default DDIM CIFAR-10 config) vs the same UNet after ``binarize_`` +
 ``bidm.export.pack_`` (``--method``, default xnor and bidm), whole network, at batch 1 and the sampling batch (batch 1
@@ -15,6 +16,7 @@ only with --quick), and a profile of where the packed step's time goes: ``sign``
 ``pack`` (bit-packing), ``popcount gemm`` (the kernel), ``postprocess`` (scales, K map, shortcut, ...), and the rest
 of the network (FP convs, GroupNorm, SiLU, attention matmuls).
 
+``BIDM_FUSED=0`` runs the full step through the generic (unfused, NCHW) packed path, for an A/B of the fusion.
 glibc's malloc is tuned with ``mallopt`` to keep large freed blocks (see `tune_malloc`; ``--no-mallopt`` to skip).
 Timings are the minimum over repeats (the machine is shared; the minimum is the least disturbed run); the medians
 and the 1-minute load average are in the JSON.
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from functools import partial
@@ -42,6 +45,7 @@ from bidm.export import kernels, pack
 from bidm.unet import DDIMUNet, UNetConfig, tiny_unet_config
 
 FP_KEPT = ("conv_in", "conv_out", "nin_shortcut")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def timeit(fn, reps: int, min_time: float = 0.0) -> tuple[float, float]:
@@ -81,24 +85,33 @@ def conv_shapes(cfg: UNetConfig) -> list[dict]:
 
 
 def bench_conv(shape: dict, batch: int, reps: int) -> dict:
+    """FP32 ``F.conv2d(x, w, b)`` against the fused packed conv on the same FP input: input pass (threshold, sign,
+    pack, mean|x|) + popcount GEMM with its epilogue (alpha, K map, bias), as a BiDM/XNOR layer runs it."""
     gen = torch.Generator().manual_seed(0)
     cin, cout, h, w, s, p = (shape[k] for k in ("cin", "cout", "h", "w", "stride", "padding"))
     x = torch.randn(batch, cin, h, w, generator=gen)
-    codes = torch.where(x >= 0, 1.0, -1.0)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # the packed model's activations are channels last
     weight = torch.randn(cout, cin, 3, 3, generator=gen) * 0.05
     bias = torch.zeros(cout)
+    shift = 0.01 * torch.randn(cin, generator=gen)
     packed = kernels.KernelWeight(pack.pack_conv_weight(torch.where(weight >= 0, 1.0, -1.0)), cin)
-    a_words = kernels.pack_activation(codes)
+    a_words, mean = kernels.pack_input(x_cl, shift, absmean=True)
+    alpha, k_weight = weight.abs().mean((1, 2, 3)), torch.full((1, 1, 3, 3), 1 / 9)
+
+    def epilogue(mean):
+        return kernels.Epilogue(alpha, None, bias, None, 1.0, mean, k_weight, 0.1)
 
     def binary():
-        return kernels.binary_conv2d(kernels.pack_activation(codes), packed, (s, s), (p, p))
+        words, m = kernels.pack_input(x_cl, shift, absmean=True)
+        return kernels.binary_conv2d(words, packed, (s, s), (p, p), epilogue=epilogue(m), channels_last=True)
 
     min_time = 0.05 if batch == 1 else 0.0
     with torch.no_grad():
         fp = timeit(lambda: F.conv2d(x, weight, bias, s, p), reps, min_time)
         bn = timeit(binary, reps, min_time)
-        pk = timeit(lambda: kernels.pack_activation(codes), reps, min_time)
-        gemm = timeit(lambda: kernels.binary_conv2d(a_words, packed, (s, s), (p, p)), reps, min_time)
+        pk = timeit(lambda: kernels.pack_input(x_cl, shift, absmean=True), reps, min_time)
+        gemm_only = partial(kernels.binary_conv2d, a_words, packed, (s, s), (p, p), channels_last=True)
+        gemm = timeit(lambda: gemm_only(epilogue=epilogue(mean)), reps, min_time)
     macs = batch * cout * cin * 9 * ((h + 2 * p - 3) // s + 1) * ((w + 2 * p - 3) // s + 1)
     return {
         **shape,
@@ -182,6 +195,40 @@ def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int) -> 
     return out
 
 
+def code_version() -> dict:
+    """{"commit": HEAD, "dirty": uncommitted changes to tracked files} (None where git is unavailable)."""
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def merge_json(path: Path, key: str, value: dict) -> None:
+    """Set ``path[key] = value`` (other keys kept; a file from before this layout is replaced), atomically."""
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = {}
+        if not isinstance(data, dict) or "convs" in data:  # the old single-section layout
+            data = {}
+    data[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def tune_malloc() -> bool:
     """Keep freed large blocks in the heap (glibc ``mallopt``), as a jemalloc/tcmalloc deployment would.
 
@@ -211,7 +258,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-step", action="store_true", help="per-conv table only")
     parser.add_argument("--no-mallopt", action="store_true", help="keep glibc's default large-block policy")
-    parser.add_argument("--out", default="bench/out/kernel.json")
+    parser.add_argument(
+        "--out", default="bench/out/kernel.json", help="JSON file; its 'kernel' key is set (bench/results/kernel.json)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -256,6 +305,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
+        **code_version(),
+        "machine": machine(),
+        "batch": batch,
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
         "malloc_tuned": mallopt,
@@ -266,7 +318,7 @@ def main(argv=None) -> int:
         "conv_totals": tot,
         "steps": steps,
     }
-    out.write_text(json.dumps(result, indent=1))
+    merge_json(out, "kernel", result)
     print(f"\nwrote {out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Render the committed quality/ablation results (bench/results/*.json) into bench/RESULTS.md.
+"""Render the committed results (bench/results/*.json: quality, ablation, kernel) into bench/RESULTS.md.
 
 Each results file owns one section of RESULTS.md between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers;
 everything outside the markers is left as written. Run after any bench that adds rows:
@@ -8,6 +8,7 @@ everything outside the markers is left as written. Run after any bench that adds
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -19,6 +20,67 @@ from bidm import METHODS  # noqa: E402
 
 RESULTS_MD = P.ROOT / "bench" / "RESULTS.md"
 SECTIONS = {"quality_cifar16": "method", "ablation_cifar16": "variant", "ldm_cpu": "method"}
+GOALS = {"step": {1: 2.5, 64: 3.0}, "conv": 5.0}  # issue 12: full step / trajectory ratios per batch, per conv
+
+
+def _meta(part: dict) -> str:
+    load = part.get("loadavg_1min")
+    load = "/".join(f"{v:.2f}" for v in load) if isinstance(load, list) else f"{load:.2f}" if load else "?"
+    commit = (part.get("commit") or "?")[:7] + (" (dirty)" if part.get("dirty") else "")
+    return f"commit {commit}, {part.get('machine', part.get('cpu', '?'))}, {part.get('threads')} threads, load {load}"
+
+
+def _goal(ratio: float, target: float) -> str:
+    return f"**{ratio:.2f}x** {'✓' if ratio >= target else '✗'}"
+
+
+def kernel_section(data: dict) -> str:
+    """bench/results/kernel.json (keys ``kernel`` from bench/kernel.py, ``trajectories`` from sample_speed.py)."""
+    import kernel as K
+
+    out = []
+    part = data.get("kernel")
+    if part:
+        out.append(f"`bench/kernel.py`: {_meta(part)}; kernel {part['kernel'].get('backend')} "
+                   f"`{part['kernel'].get('flags', '')}`.\n")  # fmt: skip
+        convs = [r for r in part["convs"] if r["net"] == "ddim-cifar10"]
+        worst = min(convs, key=lambda r: r["speedup"]) if convs else None
+        out.append(K.conv_table(part["convs"]) + "\n")
+        if worst:
+            ratio = _goal(worst["speedup"], GOALS["conv"])
+            out.append(f"Slowest DDIM CIFAR-10 shape: {worst['cin']}→{worst['cout']} {worst['h']}x{worst['w']} "
+                       f"batch {worst['batch']}, {ratio} (goal ≥ {GOALS['conv']}x).\n")  # fmt: skip
+        out.append("| net | batch | FP32 ms | packed ms | speed-up |\n|---|---|---|---|---|")
+        out += [f"| {r['net']} | {r['batch']} | {r['fp_ms']:.1f} | {r['packed_ms']:.1f} | **{r['speedup']:.2f}x** |"
+                for r in part["conv_totals"]]  # fmt: skip
+        if part.get("steps"):
+            out.append("\nOne full denoising step `model(x, t)`, DDIM CIFAR-10 UNet:\n")
+            out.append("| method | batch | FP32 ms | packed ms | speed-up (goal) | packed profile (ms) |")
+            out.append("|---|---|---|---|---|---|")
+            for r in part["steps"]:
+                goal = GOALS["step"].get(r["batch"], GOALS["step"][64])
+                prof = ", ".join(f"{k} {v:.0f}" for k, v in r["profile_ms"].items())
+                out.append(f"| {r['method']} | {r['batch']} | {r['fp_ms']:.0f} | {r['packed_ms']:.0f} "
+                           f"| {_goal(r['speedup'], goal)} (≥ {goal}x) | {prof} |")  # fmt: skip
+    traj = data.get("trajectories")
+    if traj:
+        out.append(f"\nWhole DDIM trajectories (`bench/sample_speed.py`, {traj['net']}): {_meta(traj)}.\n")
+        out.append("| model | batch | steps | seconds | ms/step | images/s | peak RSS MB | speed-up (goal) |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in traj["rows"]:
+            goal = GOALS["step"].get(r["batch"], GOALS["step"][64])
+            speed = f"{_goal(r['speedup'], goal)} (≥ {goal}x)" if "speedup" in r else "1"
+            out.append(f"| {r['model']} | {r['batch']} | {r['steps']} | {r['seconds']:.1f} | {r['step_ms']:.0f} "
+                       f"| {r['images_per_s']:.3f} | {r['peak_rss_mb']:.0f} | {speed} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def replace_block(md: str, name: str, body: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body}{end}"
+    if begin in md and end in md:
+        return md[: md.index(begin)] + block + md[md.index(end) + len(end) :]
+    return md.rstrip("\n") + f"\n\n## {name} (rendered)\n\n{block}\n"
 
 
 def headline(data: dict) -> str:
@@ -75,14 +137,11 @@ def main(argv=None) -> int:
     md = RESULTS_MD.read_text()
     for name, group in SECTIONS.items():
         body = section(name, group)
-        if body is None:
-            continue
-        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-        block = f"{begin}\n{body}{end}"
-        if begin in md and end in md:
-            md = md[: md.index(begin)] + block + md[md.index(end) + len(end) :]
-        else:
-            md = md.rstrip("\n") + f"\n\n## {name} (rendered)\n\n{block}\n"
+        if body is not None:
+            md = replace_block(md, name, body)
+    kernel_json = P.RESULTS / "kernel.json"
+    if kernel_json.is_file():
+        md = replace_block(md, "kernel", kernel_section(json.loads(kernel_json.read_text())))
     RESULTS_MD.write_text(md)
     print(f"wrote {RESULTS_MD}")
     return 0

@@ -63,6 +63,50 @@ def test_packed_layer_equals_fake_binary_layer(method, impl, monkeypatch):
         assert torch.equal(packed.quantize_weight(), layer.quantize_weight())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method", ["xnor", "bidm"])
+def test_fused_forward_equals_fake_binary_in_both_layouts(method, impl, monkeypatch):
+    """XNOR/BiDM convs take the fused path (channels-last output) from NCHW or channels-last inputs; BIDM_FUSED=0
+    gives the generic path (NCHW output); all equal the fake-binary layer."""
+    monkeypatch.setenv("BIDM_KERNEL", impl)
+    gen = torch.Generator().manual_seed(2)
+    for make, shape in LAYERS:
+        if len(shape) != 4:
+            continue
+        layer = perturbed(binarize_(make(), method), gen).eval()
+        packed = convert_(copy.deepcopy(layer))
+        x = torch.randn(*shape, generator=gen) + 0.3
+        with torch.no_grad():
+            expected = layer(x)
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                got = packed(inp)
+                assert kernels.is_channels_last(got) or got.shape[2:] == (1, 1)
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            monkeypatch.setenv("BIDM_FUSED", "0")
+            generic = packed(x)
+            monkeypatch.delenv("BIDM_FUSED")
+        assert generic.is_contiguous()
+        torch.testing.assert_close(generic, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_constants_follow_state_dict_changes_and_the_model_runs_channels_last():
+    gen = torch.Generator().manual_seed(4)
+    layer = perturbed(binarize_(nn.Conv2d(16, 16, 3, padding=1), "bidm"), gen).eval()
+    packed = convert_(copy.deepcopy(layer))
+    x = torch.randn(2, 16, 5, 5, generator=gen)
+    with torch.no_grad():
+        packed(x)  # fills the cache
+        for module in (layer, packed):
+            module.act_shift.add_(0.5)
+            module.filter_k.bias.add_(0.1)
+            module.shortcut.scale.mul_(2.0)
+        torch.testing.assert_close(packed(x), layer(x), rtol=1e-4, atol=1e-5)
+    model = pack_(perturbed(build_model(tiny_config("xnor")), gen).eval())
+    with torch.no_grad():
+        eps = model(torch.randn(2, 3, 8, 8, generator=gen), torch.tensor([10, 20]))
+    assert kernels.is_channels_last(eps)  # FP convs read channels last: one layout through the network
+
+
 def test_packed_state_dict_replaces_latent_weight_by_bits():
     layer = binarize_(nn.Conv2d(70, 8, 3, padding=1), "efficientdm")
     packed = convert_(copy.deepcopy(layer))
@@ -179,3 +223,5 @@ def test_export_command_writes_a_file_that_sample_can_load(tmp_path, capsys):
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t), model.eval()(x, t), rtol=1e-4, atol=1e-5)
+    assert main(["sample", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    assert "images/s (packed XNOR-popcount kernel" in capsys.readouterr().out

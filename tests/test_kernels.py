@@ -151,3 +151,64 @@ def test_missing_compiler_falls_back_to_reference_with_one_warning(monkeypatch):
     monkeypatch.setenv("BIDM_KERNEL", "c")
     with pytest.raises(RuntimeError, match="unavailable"):
         kernels.backend()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_input_pass_equals_sign_then_pack_and_mean_abs(impl, channels_last):
+    """Threshold + sign + pack + mean_c|x| in one pass: bit-exact codes, mean to float rounding; both layouts."""
+    gen = torch.Generator().manual_seed(5)
+    for c, h, w in [(70, 5, 3), (64, 4, 4), (200, 3, 7), (9, 2, 2)]:
+        x = torch.randn(3, c, h, w, generator=gen)
+        x[0, 0, 0, 0] = -0.0  # sign(-0) = +1
+        shift = 0.3 * torch.randn(c, generator=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for sh in (None, shift):
+            u = x if sh is None else x + sh.reshape(1, -1, 1, 1)
+            words, mean = kernels.pack_input(x, sh, absmean=True, impl=impl)
+            assert torch.equal(words, pack.pack_codes(torch.where(u < 0, -1.0, 1.0).permute(0, 2, 3, 1), "pm1"))
+            torch.testing.assert_close(mean, x.abs().mean(dim=1, keepdim=True), rtol=1e-6, atol=1e-7)
+            words01, none = kernels.pack_input(x, sh, "01", impl=impl)
+            assert none is None and torch.equal(words01, pack.pack_codes((u > 0.5).float().permute(0, 2, 3, 1), "01"))
+    rows = torch.randn(5, 150, generator=gen)
+    words, mean = kernels.pack_input(rows, None, absmean=True, impl=impl)
+    assert torch.equal(words, pack.pack_codes(torch.where(rows < 0, -1.0, 1.0), "pm1"))
+    torch.testing.assert_close(mean, rows.abs().mean(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_epilogue_equals_torch_after_the_dots(impl, channels_last):
+    """alpha, K map, bias and scaled residual applied while writing == the same torch ops on the exact dots."""
+    gen = torch.Generator().manual_seed(6)
+    for cin, cout, k, s, p, h in [(70, 13, 3, 1, 1, 7), (64, 20, 3, 2, 0, 9), (130, 9, 1, 1, 0, 5)]:
+        a = pm1(2, cin, h, h, gen=gen)
+        weight = kernels.KernelWeight(pack.pack_conv_weight(pm1(cout, cin, k, k, gen=gen)), cin)
+        words = kernels.pack_activation(a, impl=impl)
+        dots = F.conv2d(a, weight_codes := pack.unpack_conv_weight(weight.words, cin), None, s, p)
+        assert weight_codes.shape == (cout, cin, k, k)
+        res = torch.randn(dots.shape, generator=gen)
+        if channels_last:
+            res = res.contiguous(memory_format=torch.channels_last)
+        epi = kernels.Epilogue(
+            alpha=torch.rand(cout, generator=gen),
+            kmap=torch.rand(2, 1, *dots.shape[2:], generator=gen),
+            bias=torch.randn(cout, generator=gen),
+            res=res,
+            res_scale=0.3,
+        )
+        y = kernels.binary_conv2d(words, weight, (s, s), (p, p), epilogue=epi, channels_last=channels_last, impl=impl)
+        assert y.shape == dots.shape and kernels.is_channels_last(y) == channels_last
+        torch.testing.assert_close(y, epi.apply(dots), rtol=0, atol=0)  # same float ops, same order
+        # the K map computed by the kernel from mean_c|x| and the 1-channel conv (up to summation order)
+        mean, k_weight = torch.rand(2, 1, h, h, generator=gen), torch.rand(1, 1, k, k, generator=gen)
+        kmap = F.conv2d(mean, k_weight, torch.tensor([0.2]), s, p)
+        epi_k = kernels.Epilogue(epi.alpha, None, epi.bias, res, 0.3, mean, k_weight, 0.2)
+        y_k = kernels.binary_conv2d(
+            words, weight, (s, s), (p, p), epilogue=epi_k, channels_last=channels_last, impl=impl
+        )
+        epi.kmap = kmap
+        torch.testing.assert_close(y_k, epi.apply(dots), rtol=1e-6, atol=1e-5)
+        plain = kernels.binary_conv2d(words, weight, (s, s), (p, p), channels_last=channels_last, impl=impl)
+        assert torch.equal(plain, dots)

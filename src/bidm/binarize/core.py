@@ -293,6 +293,11 @@ class Shortcut(nn.Module):
             self.scale = nn.Parameter(torch.tensor(float(scale_init)))
 
     def forward(self, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        s = self.unscaled(x, out_hw)
+        return s if self.scale is None else self.factor() * s
+
+    def unscaled(self, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """``shortcut(x)`` before the scale (the packed runtime adds ``factor() * unscaled`` in its epilogue)."""
         if hasattr(self, "proj"):
             s = self.proj(x)
         elif self.stride > 1:
@@ -301,9 +306,13 @@ class Shortcut(nn.Module):
             s = x
         if tuple(s.shape[-2:]) != tuple(out_hw):
             s = F.adaptive_avg_pool2d(s, out_hw)
+        return s
+
+    def factor(self) -> torch.Tensor | float:
+        """The scale: ``scale``, ``|scale|`` with ``abs_scale``, or 1.0 without a scale parameter."""
         if self.scale is None:
-            return s
-        return (self.scale.abs() if self.abs_scale else self.scale) * s
+            return 1.0
+        return self.scale.abs() if self.abs_scale else self.scale
 
 
 def conv_shortcut(layer: BinaryConv2d, *, scale_init: float | None, abs_scale: bool = False) -> Shortcut:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from bidm.commands.common import add_force_arg, check_outputs, count, nonnegative, nonnegative_int
@@ -48,6 +49,18 @@ def load_any(path: str, use_ema: bool = True):
     return load_model(path, use_ema=use_ema)
 
 
+def speed_line(model, n: int, seconds: float) -> str:
+    """``sampling: N images in S s = R images/s (packed XNOR-popcount kernel: c, 2 threads)``."""
+    import torch
+
+    from bidm.export import is_packed, kernel_info
+
+    packed = any(is_packed(m) for m in model.modules())
+    kind = f"packed XNOR-popcount kernel: {kernel_info()['backend']}" if packed else "PyTorch"
+    rate = n / seconds if seconds > 0 else float("inf")
+    return f"sampling: {n} images in {seconds:.2f} s = {rate:.2f} images/s ({kind}, {torch.get_num_threads()} threads)"
+
+
 def main(args) -> int:
     import torch
     from accelerate import PartialState
@@ -68,6 +81,7 @@ def main(args) -> int:
     packed = any(is_packed(m) for m in model.modules())
     model = model.to(pick_device(args.device, state, packed=packed))
     rank, world = state.process_index, state.num_processes
+    start = time.perf_counter()
     images = generate(
         model,
         cfg,
@@ -81,6 +95,7 @@ def main(args) -> int:
         rank=rank,
         world=world,
     )
+    seconds = time.perf_counter() - start
     if world > 1:  # chunk k was made by process k mod world: interleave the processes' chunks back into order
         parts = sorted(gather_object([(rank, images)]), key=lambda x: x[0])
         images = interleave([p for _, p in parts], args.batch_size or cfg.sample.batch_size)
@@ -89,6 +104,7 @@ def main(args) -> int:
         save_grid(images[:64], out / "samples.png")
         print(f"{len(images)} samples ({world} process{'es' if world > 1 else ''}): {out / 'samples.npz'}, "
               f"grid: {out / 'samples.png'}")  # fmt: skip
+        print(speed_line(model, len(images), seconds))
     state.wait_for_everyone()
     return 0
 

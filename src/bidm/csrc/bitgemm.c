@@ -18,6 +18,9 @@
  * for pm1 the epilogue subtracts what the +1 taps added, tapsum_t[t][o] = Cin - 2 popc(W[o, t]). For 01 a zero word
  * already contributes 0.
  *
+ * Epilogue: the real-valued factors of XNOR/BiDM-style layers (alpha, K map, bias, scaled shortcut) are applied
+ * while each micro-tile is written (see bidm_epilogue), and the output may be written channels last.
+ *
  * Blocking: the output pixels (b, oh, ow) are cut into tiles of MC pixels, one tile per OpenMP task. Each task
  * gathers its tile's im2col rows (KW = kh*kw*Wc words each) once, then sweeps the weight panel (NR = 8 output
  * channels interleaved per word, see bidm_make_panel) with an MR x NR micro-kernel: AVX2 nibble-LUT popcount
@@ -34,9 +37,12 @@
 #include <immintrin.h>
 #endif
 
-#define BIDM_ABI_VERSION 1
+#define BIDM_ABI_VERSION 2
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes) */
-#define MR 4  /* pixels per micro-kernel call */
+#ifndef BIDM_MR
+#define BIDM_MR 2
+#endif
+#define MR BIDM_MR /* pixels per micro-kernel call; 2 beat 3 and 4 here (4 spills accumulators), -DBIDM_MR=N to try */
 #define MC 64 /* pixels per task (im2col tile) */
 
 int bidm_abi_version(void) { return BIDM_ABI_VERSION; }
@@ -64,51 +70,102 @@ static inline int popc64(uint64_t x) { return __builtin_popcountll(x); }
 
 static inline uint64_t code_bit(float v, int mode) { return mode ? (uint64_t)(v > 0.5f) : (uint64_t)(v < 0.0f); }
 
-/* x: [M, C] rows -> out: [M, Wc]. */
-void bidm_pack_rows(const float *x, int64_t M, int64_t C, int mode, uint64_t *out, int nthreads) {
+/* The fused input pass of a binary layer, in one read of x:
+ *   words[b, p]  = bits of code(x[b, :, p] + shift), mode 0: bit = (x + shift < 0), mode 1: bit = (x + shift > 0.5);
+ *   absmean[b, p] = mean_c |x[b, c, p]| (the input of XNOR's / BiDM's K map; skipped when absmean is NULL).
+ * x is [B, C, HW] (nhwc = 0, NCHW) or [B, HW, C] (nhwc = 1, channels last); shift [C] or NULL (= 0).
+ * out: [B, HW, Wc] (channels packed per pixel). */
+
+static void pack_pixels_nhwc(const float *x, int64_t P, int64_t C, const float *shift, int mode, uint64_t *out,
+                             float *absmean, int nthreads) {
     const int64_t Wc = (C + 63) / 64;
+    const float inv_c = 1.0f / (float)C;
     (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * C > 65536)
-    for (int64_t m = 0; m < M; m++) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P * C > 65536)
+    for (int64_t m = 0; m < P; m++) {
         const float *row = x + m * C;
+        uint64_t *dst = out + m * Wc;
+        float abs_sum = 0.0f;
         for (int64_t k = 0; k < Wc; k++) {
             const int64_t c0 = k * 64, n = (C - c0 < 64) ? C - c0 : 64;
             uint64_t word = 0;
-            for (int64_t b = 0; b < n; b++) word |= code_bit(row[c0 + b], mode) << b;
-            out[m * Wc + k] = word;
+            int64_t b = 0;
+#if defined(__AVX2__)
+            const __m256 zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
+            const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            __m256 acc = zero;
+            for (; b + 8 <= n; b += 8) {
+                const __m256 v = _mm256_loadu_ps(row + c0 + b);
+                const __m256 u = shift ? _mm256_add_ps(v, _mm256_loadu_ps(shift + c0 + b)) : v;
+                const __m256 bit = mode ? _mm256_cmp_ps(u, half, _CMP_GT_OQ) : _mm256_cmp_ps(u, zero, _CMP_LT_OQ);
+                word |= (uint64_t)(unsigned)_mm256_movemask_ps(bit) << b;
+                acc = _mm256_add_ps(acc, _mm256_and_ps(v, nosign));
+            }
+            if (absmean) {
+                float lanes[8];
+                _mm256_storeu_ps(lanes, acc);
+                for (int l = 0; l < 8; l++) abs_sum += lanes[l];
+            }
+#endif
+            for (; b < n; b++) {
+                const float v = row[c0 + b], u = shift ? v + shift[c0 + b] : v;
+                word |= code_bit(u, mode) << b;
+                abs_sum += v < 0 ? -v : v;
+            }
+            dst[k] = word;
         }
+        if (absmean) absmean[m] = abs_sum * inv_c;
     }
 }
 
-/* x: [B, C, HW] (NCHW) -> out: [B, HW, Wc] (channels packed per pixel). */
-void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, uint64_t *out, int nthreads) {
-    if (HW == 1) {
-        bidm_pack_rows(x, B, C, mode, out, nthreads);
-        return;
-    }
+static void pack_pixels_nchw(const float *x, int64_t B, int64_t C, int64_t HW, const float *shift, int mode,
+                             uint64_t *out, float *absmean, int nthreads) {
     const int64_t Wc = (C + 63) / 64, CH = 256; /* pixels per chunk */
     const int64_t nchunk = (HW + CH - 1) / CH;
+    const float inv_c = 1.0f / (float)C;
     (void)nthreads;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (B * C * HW > 65536)
     for (int64_t task = 0; task < B * nchunk; task++) {
         const int64_t b = task / nchunk, p0 = (task % nchunk) * CH;
         const int64_t np = (HW - p0 < CH) ? HW - p0 : CH;
         uint64_t acc[256];
+        float abs_sum[256];
+        for (int64_t p = 0; p < np; p++) abs_sum[p] = 0.0f;
         for (int64_t k = 0; k < Wc; k++) {
             const int64_t c0 = k * 64, nc = (C - c0 < 64) ? C - c0 : 64;
             for (int64_t p = 0; p < np; p++) acc[p] = 0;
             for (int64_t cb = 0; cb < nc; cb++) {
                 const float *src = x + (b * C + c0 + cb) * HW + p0;
+                const float s = shift ? shift[c0 + cb] : 0.0f;
                 if (mode) {
-                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] > 0.5f) << cb;
+                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] + s > 0.5f) << cb;
+                } else if (shift) {
+                    for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] + s < 0.0f) << cb;
                 } else {
                     for (int64_t p = 0; p < np; p++) acc[p] |= (uint64_t)(src[p] < 0.0f) << cb;
                 }
+                if (absmean)
+                    for (int64_t p = 0; p < np; p++) abs_sum[p] += src[p] < 0 ? -src[p] : src[p];
             }
             uint64_t *dst = out + (b * HW + p0) * Wc + k;
             for (int64_t p = 0; p < np; p++) dst[p * Wc] = acc[p];
         }
+        if (absmean)
+            for (int64_t p = 0; p < np; p++) absmean[b * HW + p0 + p] = abs_sum[p] * inv_c;
     }
+}
+
+void bidm_pack_input(const float *x, int64_t B, int64_t C, int64_t HW, int nhwc, const float *shift, int mode,
+                     uint64_t *out, float *absmean, int nthreads) {
+    if (nhwc || HW == 1)
+        pack_pixels_nhwc(x, B * HW, C, shift, mode, out, absmean, nthreads);
+    else
+        pack_pixels_nchw(x, B, C, HW, shift, mode, out, absmean, nthreads);
+}
+
+/* x: [B, C, HW] (NCHW) -> out: [B, HW, Wc] (channels packed per pixel). */
+void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, uint64_t *out, int nthreads) {
+    bidm_pack_input(x, B, C, HW, 0, NULL, mode, out, NULL, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -148,11 +205,11 @@ void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *pane
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Micro-kernels: cnt[j][i] = sum_k popc(OP(A[i][k], P[k][j])), i < MR pixels, j < NR channels. */
+ * Micro-kernels: cnt[i][j] = sum_k popc(OP(A[i][k], P[k][j])), i < MR pixels, j < NR channels. */
 
 #if defined(__AVX2__)
 #define DEFINE_MICRO_AVX2(NAME, OP)                                                                              \
-    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[NR][MR]) {                   \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
         const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, \
                                              3, 1, 2, 2, 3, 2, 3, 3, 4);                                         \
         const __m256i zero = _mm256_setzero_si256();                                                             \
@@ -182,11 +239,11 @@ void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *pane
                 tot[i][1] = _mm256_add_epi64(tot[i][1], _mm256_sad_epu8(c[i][1], zero));                         \
             }                                                                                                    \
         }                                                                                                        \
+        const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6); /* low halves of the 64-bit counts */    \
         for (int i = 0; i < MR; i++) {                                                                           \
-            int64_t t[NR];                                                                                       \
-            _mm256_storeu_si256((__m256i *)t, tot[i][0]);                                                        \
-            _mm256_storeu_si256((__m256i *)(t + 4), tot[i][1]);                                                  \
-            for (int j = 0; j < NR; j++) cnt[j][i] = (int32_t)t[j];                                              \
+            const __m256i lo = _mm256_permutevar8x32_epi32(tot[i][0], even);                                     \
+            const __m256i hi = _mm256_permutevar8x32_epi32(tot[i][1], even);                                     \
+            _mm256_storeu_si256((__m256i *)cnt[i], _mm256_permute2x128_si256(lo, hi, 0x20));                     \
         }                                                                                                        \
     }
 
@@ -196,7 +253,7 @@ DEFINE_MICRO_AVX2(micro_and, _mm256_and_si256)
 #else /* portable scalar micro-kernels */
 
 #define DEFINE_MICRO_SCALAR(NAME, OP)                                                                            \
-    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[NR][MR]) {                   \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
         for (int i = 0; i < MR; i++) {                                                                           \
             const uint64_t *a = A + i * KW;                                                                      \
             int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;                              \
@@ -211,8 +268,8 @@ DEFINE_MICRO_AVX2(micro_and, _mm256_and_si256)
                 s6 += popc64(x OP p[6]);                                                                         \
                 s7 += popc64(x OP p[7]);                                                                         \
             }                                                                                                    \
-            cnt[0][i] = s0, cnt[1][i] = s1, cnt[2][i] = s2, cnt[3][i] = s3;                                      \
-            cnt[4][i] = s4, cnt[5][i] = s5, cnt[6][i] = s6, cnt[7][i] = s7;                                      \
+            cnt[i][0] = s0, cnt[i][1] = s1, cnt[i][2] = s2, cnt[i][3] = s3;                                      \
+            cnt[i][4] = s4, cnt[i][5] = s5, cnt[i][6] = s6, cnt[i][7] = s7;                                      \
         }                                                                                                        \
     }
 
@@ -226,12 +283,66 @@ DEFINE_MICRO_SCALAR(micro_and, &)
  *
  * a      [B, H, W, Wc] packed activations          panel  from bidm_make_panel(w [Cout, kh*kw*Wc])
  * tapsum_t [kh*kw, NR*ceil(Cout/NR)] int32, Cin - 2 popc(w[o,t]), zero past Cout (read for mode 0 only)
- * y      [B, Cout, Ho, Wo] float32 written with the exact integer dot products.
+ * y      [B, Cout, Ho, Wo] float32 (out_nhwc = 0) or [B, Ho, Wo, Cout] (out_nhwc = 1, channels last).
  * Padding is (top, left) = (ph, pw); bottom/right padding is whatever Ho, Wo imply.
+ *
+ * Epilogue (epi NULL: y = the exact integer dots d, NCHW), applied while the tile is written, in this float order:
+ *   y[b, o, p] = ((d * alpha[o]) * K[b, p] + bias[o]) + res_scale * res[b, o, p]
+ * alpha [Cout], bias [Cout], res [B, Cout, Ho, Wo] (res_nhwc 0) or [B, Ho, Wo, Cout] (res_nhwc 1); each may be NULL
+ * (factor 1, term 0). K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K map computed in the tile:
+ *   K[b, p] = sum over in-bounds taps t of kweight[t] * kmean[b, ih(p, t), iw(p, t)] + kbias
+ * (XNOR/BiDM's 1-channel conv of mean_c|x| [B, H, W], same kernel, stride and zero padding as the binary conv);
+ * else 1.
  */
+typedef struct {
+    const float *alpha, *kmap, *bias, *res, *kmean, *kweight;
+    float res_scale, kbias;
+    int32_t res_nhwc, out_nhwc;
+} bidm_epilogue;
+
+/* One output pixel m (NCHW offset of its channel 0: nchw0) of a micro-tile: the dots v[0 .. nj-1] of channels
+ * o0 .. o0+nj-1, through the epilogue (AVX2: one 8-float vector per pixel; the same float operations). */
+static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0, int64_t HWo, int64_t Cout,
+                               int64_t o0, int64_t nj, const int32_t *v, float km, float *y) {
+    const int64_t nchw = nchw0 + o0 * HWo, nhwc = m * Cout + o0;
+    const int64_t ostride = e->out_nhwc ? 1 : HWo, rstride = e->res_nhwc ? 1 : HWo;
+    float *yo = y + (e->out_nhwc ? nhwc : nchw);
+    const float *ro = e->res ? e->res + (e->res_nhwc ? nhwc : nchw) : NULL;
+#if defined(__AVX2__)
+    if (nj == 8 && NR == 8) {
+        float tmp[8];
+        __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)v));
+        if (e->alpha) f = _mm256_mul_ps(f, _mm256_loadu_ps(e->alpha + o0));
+        if (e->kmap || e->kmean) f = _mm256_mul_ps(f, _mm256_set1_ps(km));
+        if (e->bias) f = _mm256_add_ps(f, _mm256_loadu_ps(e->bias + o0));
+        if (ro) {
+            if (!e->res_nhwc)
+                for (int j = 0; j < 8; j++) tmp[j] = ro[j * rstride];
+            const __m256 r = _mm256_loadu_ps(e->res_nhwc ? ro : tmp);
+            f = _mm256_add_ps(f, _mm256_mul_ps(_mm256_set1_ps(e->res_scale), r));
+        }
+        if (e->out_nhwc) {
+            _mm256_storeu_ps(yo, f);
+        } else {
+            _mm256_storeu_ps(tmp, f);
+            for (int j = 0; j < 8; j++) yo[j * ostride] = tmp[j];
+        }
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < nj; j++) {
+        float f = (float)v[j];
+        if (e->alpha) f *= e->alpha[o0 + j];
+        if (e->kmap || e->kmean) f *= km;
+        if (e->bias) f += e->bias[o0 + j];
+        if (ro) f += e->res_scale * ro[j * rstride];
+        yo[j * ostride] = f;
+    }
+}
+
 int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin, const uint64_t *panel,
                 const int32_t *tapsum_t, int64_t Cout, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                int64_t pw, int64_t Ho, int64_t Wo, int mode, float *y, int nthreads) {
+                int64_t pw, int64_t Ho, int64_t Wo, int mode, float *y, int nthreads, const bidm_epilogue *epi) {
     const int64_t Wc = (Cin + 63) / 64, T = kh * kw, KW = T * Wc, HWo = Ho * Wo, M = B * HWo;
     const int64_t npan = (Cout + NR - 1) / NR;
     if (T > 64) return -1; /* the per-pixel padded-tap mask is one uint64 */
@@ -244,6 +355,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
     }
     const int64_t ntile = (M + mc - 1) / mc;
     int status = 0;
+    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, 0.0f, 0, 0}, e = epi ? *epi : plain;
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (ntile > 1)
@@ -253,8 +365,9 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         uint64_t *split = SPLIT == 2 ? (uint64_t *)malloc(rows_cap * 2 * sizeof(uint64_t)) : raw;
         uint64_t *padmask = (uint64_t *)malloc((size_t)(mc + MR) * sizeof(uint64_t));
         int32_t *popa = (int32_t *)malloc((size_t)(mc + MR) * sizeof(int32_t));
-        float **ybase = (float **)malloc((size_t)(mc + MR) * sizeof(float *));
-        const int ok = raw && split && padmask && popa && ybase;
+        int64_t *pix = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* NCHW offset of (b, 0, oh, ow) */
+        float *kv = (float *)malloc((size_t)(mc + MR) * sizeof(float));          /* K map value per pixel */
+        const int ok = raw && split && padmask && popa && pix && kv;
         if (!ok) {
 #pragma omp atomic write
             status = -2;
@@ -271,11 +384,24 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                 padmask[i] = 0;
                 if (i >= nm) { /* rows past the end of the batch: computed, never written */
                     memset(dst, 0, (size_t)KW * sizeof(uint64_t));
-                    ybase[i] = NULL;
                     continue;
                 }
                 const int64_t m = m0 + i, b = m / HWo, r = m % HWo, oh = r / Wo, ow = r % Wo;
-                ybase[i] = y + b * Cout * HWo + r;
+                pix[i] = b * Cout * HWo + r;
+                if (e.kmean) {
+                    float k = 0.0f;
+                    for (int64_t dy = 0; dy < kh; dy++) {
+                        const int64_t ih = oh * sh - ph + dy;
+                        if (ih < 0 || ih >= H) continue;
+                        for (int64_t dx = 0; dx < kw; dx++) {
+                            const int64_t iw = ow * sw - pw + dx;
+                            if (iw >= 0 && iw < W) k += e.kweight[dy * kw + dx] * e.kmean[(b * H + ih) * W + iw];
+                        }
+                    }
+                    kv[i] = k + e.kbias;
+                } else {
+                    kv[i] = e.kmap ? e.kmap[m] : 1.0f;
+                }
                 if (direct) continue;
                 for (int64_t dy = 0; dy < kh; dy++) {
                     const int64_t ih = oh * sh - ph + dy;
@@ -285,7 +411,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                             memset(dst + t * Wc, 0, (size_t)Wc * sizeof(uint64_t));
                             padmask[i] |= (uint64_t)1 << t;
                         } else {
-                            memcpy(dst + t * Wc, a + ((b * H + ih) * W + iw) * Wc, (size_t)Wc * sizeof(uint64_t));
+                            const uint64_t *src = a + ((b * H + ih) * W + iw) * Wc;
+                            for (int64_t q = 0; q < Wc; q++) dst[t * Wc + q] = src[q]; /* Wc is small: no memcpy call */
                         }
                     }
                 }
@@ -316,31 +443,27 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                 const uint64_t *P = panel + pb * KW * SPLIT * NR;
                 const int64_t nj = (Cout - pb * NR < NR) ? Cout - pb * NR : NR;
                 for (int64_t i0 = 0; i0 < nm_pad; i0 += MR) {
-                    int32_t cnt[NR][MR];
+                    int32_t cnt[MR][NR];
                     if (mode)
                         micro_and(rows + i0 * KW * SPLIT, KW, P, cnt);
                     else
                         micro_xor(rows + i0 * KW * SPLIT, KW, P, cnt);
                     const int32_t *bs = base + i0;
-                    int32_t v[NR][MR];
-                    for (int j = 0; j < NR; j++)
-                        for (int i = 0; i < MR; i++) v[j][i] = bs[i] - 2 * cnt[j][i];
-                    if (!mode && (padmask[i0] | padmask[i0 + 1] | padmask[i0 + 2] | padmask[i0 + 3])) {
+                    int32_t v[MR][NR];
+                    for (int i = 0; i < MR; i++)
+                        for (int j = 0; j < NR; j++) v[i][j] = bs[i] - 2 * cnt[i][j];
+                    uint64_t anypad = 0;
+                    for (int i = 0; i < MR; i++) anypad |= padmask[i0 + i];
+                    if (!mode && anypad) {
                         /* padded taps of pm1 inputs were packed as +1: take back what they added */
                         for (int i = 0; i < MR; i++)
                             for (uint64_t pm = padmask[i0 + i]; pm; pm &= pm - 1) {
                                 const int32_t *ts = tapsum_t + __builtin_ctzll(pm) * npan * NR + pb * NR;
-                                for (int j = 0; j < NR; j++) v[j][i] -= ts[j];
+                                for (int j = 0; j < NR; j++) v[i][j] -= ts[j];
                             }
                     }
-                    if (i0 + MR <= nm && ybase[i0 + MR - 1] == ybase[i0] + MR - 1) {
-                        float *yo = ybase[i0] + pb * NR * HWo; /* MR adjacent outputs per channel */
-                        for (int64_t j = 0; j < nj; j++)
-                            for (int i = 0; i < MR; i++) yo[j * HWo + i] = (float)v[j][i];
-                    } else {
-                        for (int64_t i = 0; i < MR && i0 + i < nm; i++)
-                            for (int64_t j = 0; j < nj; j++) ybase[i0 + i][(pb * NR + j) * HWo] = (float)v[j][i];
-                    }
+                    for (int64_t i = 0; i < MR && i0 + i < nm; i++)
+                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v[i], kv[i0 + i], y);
                 }
             }
         }
@@ -348,7 +471,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         if (SPLIT == 2) free(split);
         free(padmask);
         free(popa);
-        free(ybase);
+        free(pix);
+        free(kv);
     }
     return status;
 }

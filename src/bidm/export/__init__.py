@@ -6,7 +6,8 @@
     model, cfg = load_packed("packed.safetensors")
 
 Modules: `pack` (bit layout, pure functions), `kernels` (compiled kernel + numpy reference twin),
-`packed_layers` (`PackedBinaryConv2d` / `PackedBinaryLinear`, `pack_`), `io` (the file format and sizes).
+`fused` (the fused XNOR/BiDM conv forwards), `packed_layers` (`PackedBinaryConv2d` / `PackedBinaryLinear`,
+`pack_`), `io` (the file format and sizes), `timing` (where a packed forward spends its time).
 """
 
 from bidm.export.io import export_model, is_packed_file, load_packed, read_packed, save_packed, size_report

@@ -12,7 +12,10 @@ Where no compiler works, every call runs the reference twin (numpy, same layout,
 warning says so. ``BIDM_KERNEL=ref`` forces the reference; ``BIDM_KERNEL=c`` makes a failed build an error.
 
 Both backends return float32 tensors holding the exact integer dot products of the binary codes, with zero padding
-of the binarized input (padded taps contribute 0); see the layout in `bidm.export.pack`.
+of the binarized input (padded taps contribute 0); see the layout in `bidm.export.pack`. Two fused passes serve the
+XNOR/BiDM-style layers (`bidm.export.fused`): `pack_input` (threshold + sign + bit-pack + mean_c|x| in one read,
+NCHW or channels-last input) and the `Epilogue` of `binary_conv2d` (alpha, K map, bias, scaled shortcut applied
+while the output is written, NCHW or channels-last output); their reference twins are the same torch operations.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from bidm.export import pack
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bitgemm.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 PANEL_WIDTH = 8  # NR of bitgemm.c: output channels per weight panel
 _MODES = {"pm1": 0, "01": 1}
 
@@ -139,16 +142,14 @@ def _writable(root: Path) -> bool:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.bidm_pack_rows.argtypes = [ptr, i64, i64, cint, ptr, cint]
-    lib.bidm_pack_rows.restype = None
-    lib.bidm_pack_nchw.argtypes = [ptr, i64, i64, i64, cint, ptr, cint]
-    lib.bidm_pack_nchw.restype = None
+    lib.bidm_pack_input.argtypes = [ptr, i64, i64, i64, cint, ptr, cint, ptr, ptr, cint]
+    lib.bidm_pack_input.restype = None
     lib.bidm_panel_words.argtypes = [i64, i64]
     lib.bidm_panel_words.restype = i64
     lib.bidm_make_panel.argtypes = [ptr, i64, i64, ptr]
     lib.bidm_make_panel.restype = None
     lib.bidm_conv2d.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64]
-    lib.bidm_conv2d.argtypes += [cint, ptr, cint]
+    lib.bidm_conv2d.argtypes += [cint, ptr, cint, ctypes.POINTER(_CEpilogue)]
     lib.bidm_conv2d.restype = cint
 
 
@@ -192,8 +193,21 @@ def kernel_info() -> dict:
     return {"backend": name, **_state["info"]}
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when ``x`` [B, C, H, W] is stored [B, H, W, C] (and not also plain contiguous, e.g. C = 1 or H = W = 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` as float32 in NCHW or channels-last order, whichever it is closest to; (tensor, is_nhwc)."""
+    x = x.detach().to(torch.float32)
+    if is_channels_last(x):
+        return x, True
+    return x.contiguous(), False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,19 +251,136 @@ class KernelWeight:
 # Public ops
 
 
+def pack_input(
+    x: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    code: str = "pm1",
+    *,
+    absmean: bool = False,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused input pass of a binary layer: one read of ``x`` gives its packed codes and mean_c|x|.
+
+    ``x`` [B, C, H, W] (NCHW or channels last) or [B, C]; ``shift`` [C] (the threshold b_c) or None.
+    Returns (int64 words ``[B, H, W, Wc]`` / ``[B, Wc]`` of ``code(x + shift)``, float32 ``[B, 1, H, W]`` /
+    ``[B, 1]`` mean_c|x| or None). Codes: pm1 bit = (x + shift < 0), 01 bit = (x + shift > 0.5).
+    """
+    if x.dim() not in (2, 4):
+        raise ValueError(f"expected [B, C, H, W] or [B, C] inputs, got {tuple(x.shape)}")
+    if backend(impl) == "ref":
+        return _reference_pack_input(x, shift, code, absmean)
+    return _pack_c(x, shift, code, absmean)
+
+
+def _pack_c(x, shift, code, absmean):
+    lib = library()
+    x, nhwc = _dense(x)
+    b, c = x.shape[:2]
+    hw = x[0, 0].numel()
+    spatial = tuple(x.shape[2:])
+    words = torch.empty(b, *spatial, pack.num_words(c), dtype=torch.int64)
+    mean = torch.empty(b, 1, *spatial, dtype=torch.float32) if absmean else None
+    if shift is not None and (shift.dtype != torch.float32 or not shift.is_contiguous()):
+        shift = shift.detach().to(torch.float32).contiguous()
+    lib.bidm_pack_input(
+        _ptr(x), b, c, hw, int(nhwc), _ptr(shift), _MODES[code], _ptr(words), _ptr(mean), torch.get_num_threads()
+    )
+    return words, mean
+
+
+def _reference_pack_input(x, shift, code, absmean):
+    x = x.detach().to(torch.float32)
+    u = x if shift is None else x + (shift.reshape(1, -1, 1, 1) if x.dim() == 4 else shift.reshape(1, -1))
+    codes = torch.where(u < 0, -1.0, 1.0) if code == "pm1" else (u > 0.5).float()
+    words = pack.pack_codes(codes, code, dim=1) if x.dim() == 2 else pack.pack_codes(codes.permute(0, 2, 3, 1), code)
+    return words, (x.abs().mean(dim=1, keepdim=True) if absmean else None)
+
+
 def pack_activation(a: torch.Tensor, code: str = "pm1", *, impl: str | None = None) -> torch.Tensor:
     """Exact codes ``[B, C, H, W]`` -> int64 ``[B, H, W, Wc]``, or ``[B, C]`` -> ``[B, Wc]`` (channels packed)."""
     if a.dim() not in (2, 4):
         raise ValueError(f"expected [B, C, H, W] or [B, C] codes, got {tuple(a.shape)}")
     if backend(impl) == "ref":
         return pack.pack_codes(a, code, dim=1) if a.dim() == 2 else pack.pack_codes(a.permute(0, 2, 3, 1), code)
-    lib = library()
-    x = a.detach().to(torch.float32).contiguous()
-    b, c = x.shape[:2]
-    hw = x[0, 0].numel()
-    out = torch.empty(*((b, *x.shape[2:]) if x.dim() == 4 else (b,)), pack.num_words(c), dtype=torch.int64)
-    lib.bidm_pack_nchw(_ptr(x), b, c, hw, _MODES[code], _ptr(out), torch.get_num_threads())
-    return out
+    return _pack_c(a, None, code, False)[0]
+
+
+@dataclass
+class Epilogue:
+    """Real-valued factors applied while the kernel writes its output, in this float order:
+
+        y[b, o, p] = ((d[b, o, p] * alpha[o]) * K[b, 0, p] + bias[o]) + res_scale * res[b, o, p]
+
+    ``d`` = the exact integer dot; ``alpha`` / ``bias`` [Cout], ``res`` [B, Cout, Ho, Wo] (NCHW or channels last);
+    None = factor 1 / term 0. ``K`` is ``kmap`` [B, 1, Ho, Wo] when given, else, with ``kmean`` [B, 1, H, W],
+    the 1-channel conv ``k_weight`` [1, 1, kh, kw] (+ ``k_bias``) of ``kmean`` with the binary conv's kernel size,
+    stride and zero padding, computed by the kernel per output tile (XNOR/BiDM's K map); else 1.
+    """
+
+    alpha: torch.Tensor | None = None
+    kmap: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    res: torch.Tensor | None = None
+    res_scale: float = 1.0
+    kmean: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    k_bias: float = 0.0
+
+    def k_map(self, stride, padding) -> torch.Tensor | None:
+        if self.kmap is not None or self.kmean is None:
+            return self.kmap
+        bias = torch.tensor([self.k_bias], dtype=torch.float32)
+        return F.conv2d(self.kmean.float(), self.k_weight.float().reshape(1, 1, *self.k_weight.shape[-2:]), bias,
+                        stride, padding)  # fmt: skip
+
+    def apply(self, y: torch.Tensor, stride=(1, 1), padding=(0, 0)) -> torch.Tensor:
+        """The reference twin: the same float operations on a float32 ``[B, Cout, Ho, Wo]`` of dots."""
+        if self.alpha is not None:
+            y = y * self.alpha.reshape(1, -1, 1, 1)
+        kmap = self.k_map(stride, padding)
+        if kmap is not None:
+            y = y * kmap
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        if self.res is not None:
+            y = y + self.res_scale * self.res
+        return y
+
+
+class _CEpilogue(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("alpha", "kmap", "bias", "res", "kmean", "kweight")] + [
+        ("res_scale", ctypes.c_float),
+        ("kbias", ctypes.c_float),
+        ("res_nhwc", ctypes.c_int32),
+        ("out_nhwc", ctypes.c_int32),
+    ]
+
+
+def _c_epilogue(epi: Epilogue | None, shape: tuple, in_hw: tuple, kernel: tuple, channels_last: bool):
+    """The C struct and the float32 tensors it points to (kept alive by the caller)."""
+    if epi is None:
+        return _CEpilogue(None, None, None, None, None, None, 0.0, 0.0, 0, int(channels_last)), []
+    b, cout, ho, wo = shape
+
+    def vec(t, n):
+        if t is None:
+            return None
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            t = t.detach().to(torch.float32).contiguous()
+        if t.numel() != n:
+            raise ValueError(f"epilogue tensor has {t.numel()} values, expected {n}")
+        return t
+
+    kmean = vec(epi.kmean, b * in_hw[0] * in_hw[1]) if epi.kmap is None else None
+    kweight = vec(epi.k_weight, kernel[0] * kernel[1]) if kmean is not None else None
+    alpha, bias, kmap = vec(epi.alpha, cout), vec(epi.bias, cout), vec(epi.kmap, b * ho * wo)
+    res, res_nhwc = (None, False) if epi.res is None else _dense(epi.res)
+    if res is not None and tuple(res.shape) != tuple(shape):
+        raise ValueError(f"epilogue residual has shape {tuple(res.shape)}, expected {tuple(shape)}")
+    keep = [alpha, kmap, bias, res, kmean, kweight]
+    c = _CEpilogue(*(t.data_ptr() if t is not None else None for t in keep), float(epi.res_scale), float(epi.k_bias),
+                   int(res_nhwc), int(channels_last))  # fmt: skip
+    return c, keep
 
 
 def conv_output_size(h: int, w: int, kernel_size, stride, padding) -> tuple[int, int]:
@@ -264,11 +395,14 @@ def binary_conv2d(
     padding: tuple[int, int] = (0, 0),
     code: str = "pm1",
     *,
+    epilogue: Epilogue | None = None,
+    channels_last: bool = False,
     impl: str | None = None,
 ) -> torch.Tensor:
     """``F.conv2d(a, w, stride=stride, padding=padding)`` on codes, from packed ``a`` [B, H, W, Wc] and ``weight``.
 
-    Returns float32 ``[B, Cout, Ho, Wo]`` holding exact integers; padded taps contribute 0.
+    Returns float32 ``[B, Cout, Ho, Wo]`` holding exact integers (padded taps contribute 0), or, with ``epilogue``,
+    those passed through it; stored channels last when ``channels_last``.
     """
     b, h, w, wc = a_words.shape
     if wc != weight.words.shape[-1]:
@@ -276,14 +410,20 @@ def binary_conv2d(
     ho, wo = conv_output_size(h, w, weight.kernel_size, stride, padding)
     if backend(impl) == "ref":
         out = reference_conv2d(a_words.numpy(), weight.words.numpy(), weight.cin, stride, padding, code)
-        return torch.from_numpy(out.astype(np.float32))
+        y = torch.from_numpy(out.astype(np.float32))
+        y = y if epilogue is None else epilogue.apply(y, stride, padding)
+        return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     lib = library()
     (kh, kw), (sh, sw), (ph, pw) = weight.kernel_size, stride, padding
-    y = torch.empty(b, weight.cout, ho, wo, dtype=torch.float32)
+    if channels_last:
+        y = torch.empty(b, ho, wo, weight.cout, dtype=torch.float32).permute(0, 3, 1, 2)
+    else:
+        y = torch.empty(b, weight.cout, ho, wo, dtype=torch.float32)
+    epi, _keep = _c_epilogue(epilogue, (b, weight.cout, ho, wo), (h, w), weight.kernel_size, channels_last)
     a_words = a_words.contiguous()
     status = lib.bidm_conv2d(
         _ptr(a_words), b, h, w, weight.cin, _ptr(weight.get_panel(lib)), _ptr(weight.tapsum), weight.cout,
-        kh, kw, sh, sw, ph, pw, ho, wo, _MODES[code], _ptr(y), torch.get_num_threads(),
+        kh, kw, sh, sw, ph, pw, ho, wo, _MODES[code], _ptr(y), torch.get_num_threads(), ctypes.byref(epi),
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"bidm_conv2d failed with status {status} (kernel taps > 64 or out of memory)")

@@ -14,6 +14,9 @@ hooks on it or its parents (the TBS wrapper hooks blocks by name). What changes 
   weight (XNOR, BiDM, ReActNet, BBCU, DoReFa); the packed layer's ``weight_scale()`` returns it;
 - the tensors in ``merged_into_weight`` (EfficientDM's LoRA factors) are dropped: they are folded into the bits.
 
+XNOR and BiDM convs run a fused forward instead (`bidm.export.fused`: one input pass, the real-valued factors applied
+while the kernel writes, channels-last output); ``binary_op`` and the generic path stay for every other layer.
+
 Everything else (FP bias, thresholds, k-convs, shortcut convs and scales, RPReLU, Gamma, step sizes) stays as is.
 The latent weight is replaced by a shape-only ``meta`` placeholder (not a parameter or buffer), so code that reads
 its shape still works and code that computes from it fails; such a method cannot be packed.
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bidm.binarize.core import BinaryConv2d, BinaryLayer, BinaryLinear
-from bidm.export import kernels, pack
+from bidm.export import fused, kernels, pack
 
 
 class PackedLayer:
@@ -34,6 +37,10 @@ class PackedLayer:
     packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = fused.fused_forward(self, x)
+        if fast is not None:
+            with torch.no_grad():
+                return fast(self, x).to(x.dtype)
         with torch.no_grad():
             a = self.quantize_input(x)
             y = self.binary_op(a).to(x.dtype)
@@ -191,9 +198,26 @@ def is_packed(module) -> bool:
     return isinstance(module, PackedLayer)
 
 
+def _channels_last_input(module: torch.nn.Module, args: tuple):
+    x = args[0] if args else None
+    if torch.is_tensor(x) and x.dim() == 4 and x.device.type == "cpu" and fused.enabled():
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
 def pack_(model: torch.nn.Module) -> torch.nn.Module:
-    """Convert every binarized layer of ``model`` (or ``model`` itself) to its packed form, in place."""
+    """Convert every binarized layer of ``model`` (or ``model`` itself) to its packed form, in place.
+
+    When some layer takes a fused forward (it writes channels last), the FP ``nn.Conv2d`` layers the model keeps
+    (conv_in, 1x1 skips, ...) get a forward pre-hook that reads their input channels last, so the whole network runs
+    in one layout: an element-wise op between an NCHW and a channels-last tensor is many times slower than either.
+    """
     for module in list(model.modules()):
         if isinstance(module, BinaryLayer) and not isinstance(module, PackedLayer):
             convert_(module)
+    if any(getattr(m, "fake_class", None) in fused.FUSED for m in model.modules()):
+        for m in model.modules():
+            if type(m) is torch.nn.Conv2d and m.in_channels > 1 and not getattr(m, "_bidm_channels_last", False):
+                m.register_forward_pre_hook(_channels_last_input)
+                m._bidm_channels_last = True
     return model

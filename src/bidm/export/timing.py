@@ -1,5 +1,9 @@
 """Where a packed model's forward spends its time: sign/thresholds, bit-packing, popcount kernel, postprocess, and
-everything else (FP layers, norms, attention, ...). Used by ``bench/kernel.py``."""
+everything else (FP layers, norms, attention, ...). Used by ``bench/kernel.py``.
+
+Fused layers (`bidm.export.fused`) count their input pass (threshold + sign + pack + mean|x|) under ``pack``, the
+kernel with its epilogue (alpha, K map, bias, shortcut add) under ``popcount gemm``, and the shortcut's pool / FP
+1x1 conv under ``shortcut (FP)``; generic layers count ``sign`` (quantize_input) and ``postprocess`` separately."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from bidm.export import kernels
+from bidm.export import fused, kernels
 from bidm.export.packed_layers import is_packed
 
 
@@ -28,12 +32,15 @@ def _timed(fn, bucket: str, acc: dict):
 @contextmanager
 def _instrumented(model: nn.Module, acc: dict):
     # binary_linear calls binary_conv2d through the module global: patching the latter counts both, once
-    patched_fns = {"pack_activation": "pack", "binary_conv2d": "popcount gemm"}
+    patched_fns = {"pack_activation": "pack", "pack_input": "pack", "binary_conv2d": "popcount gemm"}
     saved = {name: getattr(kernels, name) for name in patched_fns}
+    saved_fused = {name: getattr(fused, name) for name in ("shortcut",)}
     layers = [m for m in model.modules() if is_packed(m)]
     try:
         for name, bucket in patched_fns.items():
             setattr(kernels, name, _timed(saved[name], bucket, acc))
+        for name, fn in saved_fused.items():
+            setattr(fused, name, _timed(fn, "shortcut (FP)", acc))
         for m in layers:
             m.quantize_input = _timed(type(m).quantize_input.__get__(m), "sign", acc)
             m.postprocess = _timed(type(m).postprocess.__get__(m), "postprocess", acc)
@@ -41,6 +48,8 @@ def _instrumented(model: nn.Module, acc: dict):
     finally:
         for name in patched_fns:
             setattr(kernels, name, saved[name])
+        for name, fn in saved_fused.items():
+            setattr(fused, name, fn)
         for m in layers:
             del m.quantize_input, m.postprocess
 

@@ -1,0 +1,114 @@
+"""Fused packed forwards: the layers whose real-valued parts fit the kernel's two fused passes.
+
+A generic packed layer runs ``quantize_input`` (a torch pass writing ±1 floats), packs them (a second read),
+runs the popcount GEMM, then ``postprocess`` (several torch passes over the output). For the methods below the
+same forward is three steps, each one pass over its tensor:
+
+    words, mean = pack_input(x, b)                      # sign(x + b) bit-packed, and mean_c|x|, one read of x
+    s           = shortcut(x)                           # the FP part: identity, a pool or a 1x1 conv
+    y           = binary_conv2d(words, W, Epilogue(alpha, k (*) mean, bias, |s|·s))   # written once, channels last
+
+The kernel computes the K map (the 1-channel conv k (*) mean_c|x|) per output tile from ``mean``.
+
+| method (conv) | threshold b | K map | shortcut |
+|---|---|---|---|
+| xnor | none | fixed box filter ``filter_k`` | none |
+| bidm | ``act_shift`` | learnable 1->1 conv ``filter_k`` | ``shortcut`` (identity / avg-pool / FP 1x1) x factor |
+
+The output is written channels last (``[B, H, W, C]`` memory, shape ``[B, C, H, W]``): the norms and element-wise
+ops that follow keep that layout, so the next binary layer packs its input per pixel without a transpose (`pack_`
+makes the model's FP convs read channels last too, so no op mixes layouts). Values
+are the fake-binary layer's up to float rounding (the codes are exact; the reference twin, ``BIDM_KERNEL=ref``, is
+the same three steps in torch). ``BIDM_FUSED=0`` turns the fused forwards off (the generic packed path runs).
+Linear layers and every other method take the generic path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from bidm.binarize.bidm import BiDMConv2d
+from bidm.binarize.xnor import XnorConv2d
+from bidm.export import kernels
+
+
+def enabled() -> bool:
+    value = os.environ.get("BIDM_FUSED", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"BIDM_FUSED={value!r}; expected 0 or 1")
+    return value == "1"
+
+
+def k_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The K map's 1-channel conv: (weight [1, 1, kh, kw], bias [1] or None); a buffer for XNOR, a module for BiDM."""
+    if isinstance(layer.filter_k, nn.Module):
+        return layer.filter_k.weight, layer.filter_k.bias
+    return layer.filter_k, None
+
+
+def shortcut(layer: nn.Module, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """The unscaled shortcut of x (identity, avg-pool or the FP 1x1 conv); its scale goes to the epilogue."""
+    return layer.shortcut.unscaled(x, out_hw)
+
+
+def _as_f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def constants(layer: nn.Module, shift: str | None, with_shortcut: bool) -> dict:
+    """The layer's real-valued constants as float32 tensors / floats, cached until one of them changes
+    (``load_state_dict``, an in-place update), so a forward does no per-call conversions."""
+    k_weight, k_bias = k_params(layer)
+    scale = layer.shortcut.scale if with_shortcut else None
+    sources = (layer.weight_scale(), layer.bias, getattr(layer, shift) if shift else None, k_weight, k_bias, scale)
+    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in sources)
+    cache = layer.__dict__.get("_fused_constants")
+    if cache is None or cache["key"] != key:
+        with torch.no_grad():
+            factor = layer.shortcut.factor() if with_shortcut else 1.0
+            cache = {
+                "key": key,
+                "alpha": _as_f32(sources[0]),
+                "bias": _as_f32(layer.bias),
+                "shift": _as_f32(sources[2]),
+                "k_weight": _as_f32(k_weight),
+                "k_bias": 0.0 if k_bias is None else float(k_bias.detach().float()),
+                "scale": float(factor.detach().float()) if torch.is_tensor(factor) else float(factor),
+            }
+        layer.__dict__["_fused_constants"] = cache
+    return cache
+
+
+def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool) -> torch.Tensor:
+    c = constants(layer, shift, with_shortcut)
+    words, mean = kernels.pack_input(x, c["shift"], layer.a_code, absmean=True)
+    out_hw = kernels.conv_output_size(*x.shape[2:], layer.kernel_size, layer.stride, layer.packed_padding)
+    res = shortcut(layer, x, out_hw) if with_shortcut else None
+    epi = kernels.Epilogue(c["alpha"], None, c["bias"], res, c["scale"], mean, c["k_weight"], c["k_bias"])
+    weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
+    return kernels.binary_conv2d(words, weight, stride, padding, layer.a_code, epilogue=epi, channels_last=True)
+
+
+def xnor_conv(layer: XnorConv2d, x: torch.Tensor) -> torch.Tensor:
+    """``(sign(x) (*) sign(W)) . K . alpha + bias``."""
+    return _conv(layer, x, None, with_shortcut=False)
+
+
+def bidm_conv(layer: BiDMConv2d, x: torch.Tensor) -> torch.Tensor:
+    """``(sign(x + b) (*) sign(W)) . alpha . K + bias + |s| . shortcut(x)``."""
+    return _conv(layer, x, "act_shift", with_shortcut=True)
+
+
+FUSED: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {XnorConv2d: xnor_conv, BiDMConv2d: bidm_conv}
+
+
+def fused_forward(layer: nn.Module, x: torch.Tensor) -> Callable | None:
+    """The fused forward of ``layer`` for input ``x``, or None (generic path)."""
+    fn = FUSED.get(getattr(layer, "fake_class", None))
+    if fn is None or x.device.type != "cpu" or x.dim() != 4 or not enabled():
+        return None
+    return fn

@@ -1,0 +1,38 @@
+"""bench/sample_speed.py and bench/kernel.py run end to end at toy size, and render_results renders their JSON
+(no timings are checked: speed targets live in bench/)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_speed_quick_writes_rows_and_kernel_table_renders(tmp_path):
+    speed, kernel, render = (_bench_module(n) for n in ("sample_speed", "kernel", "render_results"))
+    out = tmp_path / "kernel.json"
+    assert speed.main(["--quick", "--batches", "1", "--steps", "1", "--out", str(out)]) == 0
+    traj = json.loads(out.read_text())["trajectories"]
+    assert {"commit", "machine", "threads", "loadavg_1min", "rows"} <= set(traj)
+    fp, xnor = traj["rows"]
+    assert (fp["model"], xnor["model"], xnor["batch"], xnor["steps"]) == ("fp32", "xnor", 1, 1)
+    assert xnor["finite"] and xnor["peak_rss_mb"] > 0 and xnor["speedup"] > 0
+    shape = {"cin": 70, "cout": 13, "h": 6, "w": 5, "stride": 1, "padding": 1, "count": 2, "example": "x"}
+    row = {"net": "ddim-cifar10", **kernel.bench_conv(shape, 1, 1)}
+    assert row["packed_ms"] > 0 and row["gemm_ms"] > 0
+    kernel.merge_json(out, "kernel", {"commit": "abc", "machine": "m", "threads": 2, "loadavg_1min": 0.1,
+                                      "kernel": {"backend": "c"}, "convs": [row], "conv_totals": kernel.totals([row]),
+                                      "steps": []})  # fmt: skip
+    data = json.loads(out.read_text())
+    assert set(data) == {"trajectories", "kernel"}
+    md = render.kernel_section(data)
+    assert "70→13" in md and "images/s" in md and "| xnor | 1 | 1 |" in md
