@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol as P  # noqa: E402
 
 from bidm.config import load_config  # noqa: E402
-from bidm.pipeline import (  # noqa: E402  # noqa: E402
+from bidm.pipeline import (  # noqa: E402
     ensure_metrics,
     ensure_samples,
     ensure_student,
