@@ -209,7 +209,7 @@ def code_version() -> dict:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
+    return f"{kernels.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def merge_json(path: Path, key: str, value: dict) -> None:
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
         **code_version(),
         "machine": machine(),
         "batch": batch,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": kernels.cpu_model(),
         "threads": args.threads,
         "malloc_tuned": mallopt,
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -83,7 +82,9 @@ def code_version() -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    from bidm.export.kernels import cpu_model
+
+    cpu = cpu_model()
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}"

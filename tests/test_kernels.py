@@ -105,28 +105,53 @@ def test_binary_linear_equals_linear_of_codes(impl, code):
     assert torch.equal(y, F.linear(a, wt))
 
 
+def _check_random_geometries(seed: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        b, cin, cout = int(rng.integers(1, 4)), int(rng.integers(1, 200)), int(rng.integers(1, 20))
+        k, s = int(rng.choice([1, 2, 3])), int(rng.integers(1, 3))
+        p, h, w = int(rng.integers(0, k)), int(rng.integers(k, 12)), int(rng.integers(k, 12))
+        code = str(rng.choice(["pm1", "01"]))
+        a = pm1(b, cin, h, w, gen=gen) if code == "pm1" else codes01(b, cin, h, w, gen=gen)
+        weight = kernels.KernelWeight(pack.pack_conv_weight(pm1(cout, cin, k, k, gen=gen)), cin)
+        a_words = kernels.pack_activation(a, code, impl="c")
+        y_c = kernels.binary_conv2d(a_words, weight, (s, s), (p, p), code, impl="c")
+        y_ref = kernels.reference_conv2d(a_words.numpy(), weight.words.numpy(), cin, (s, s), (p, p), code)
+        assert np.array_equal(y_c.numpy().astype(np.int64), y_ref), (b, cin, h, w, cout, k, s, p, code)
+
+
 @pytest.mark.skipif(not HAVE_C, reason="no C compiler")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_compiled_kernel_equals_reference_twin_on_random_geometries(threads):
     """Random shapes (incl. tiles crossing images and partial output panels), both codes, 1 and 2 threads."""
-    rng = np.random.default_rng(4)
-    gen = torch.Generator().manual_seed(4)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for _ in range(12):
-            b, cin, cout = int(rng.integers(1, 4)), int(rng.integers(1, 200)), int(rng.integers(1, 20))
-            k, s = int(rng.choice([1, 2, 3])), int(rng.integers(1, 3))
-            p, h, w = int(rng.integers(0, k)), int(rng.integers(k, 12)), int(rng.integers(k, 12))
-            code = str(rng.choice(["pm1", "01"]))
-            a = pm1(b, cin, h, w, gen=gen) if code == "pm1" else codes01(b, cin, h, w, gen=gen)
-            weight = kernels.KernelWeight(pack.pack_conv_weight(pm1(cout, cin, k, k, gen=gen)), cin)
-            a_words = kernels.pack_activation(a, code, impl="c")
-            y_c = kernels.binary_conv2d(a_words, weight, (s, s), (p, p), code, impl="c")
-            y_ref = kernels.reference_conv2d(a_words.numpy(), weight.words.numpy(), cin, (s, s), (p, p), code)
-            assert np.array_equal(y_c.numpy().astype(np.int64), y_ref), (b, cin, h, w, cout, k, s, p, code)
+        _check_random_geometries(4, 12)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not HAVE_C, reason="no C compiler")
+@pytest.mark.parametrize(
+    "cflags, isa",
+    [("-mno-avx512f", "avx2 or scalar"), ("-mno-avx2 -mno-avx512f", "scalar"), ("-DBIDM_MR=3", "native, odd MR")],
+)
+def test_every_micro_kernel_variant_equals_the_reference_twin(monkeypatch, tmp_path, cflags, isa):
+    """The AVX-512 (vpopcntq), AVX2 (nibble LUT) and scalar micro-kernels, and an odd pixel block, count alike."""
+    monkeypatch.setattr(kernels, "_state", {"lib": None, "tried": False, "info": {}, "warned": False})
+    monkeypatch.setenv("BIDM_CFLAGS", cflags)
+    monkeypatch.setenv("BIDM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("BIDM_KERNEL", "c")
+    info = kernels.kernel_info()
+    if "avx512" in cflags:
+        assert not info["avx512"], info
+    if "avx2" in cflags:
+        assert not info["avx2"], info
+    if "MR=3" in cflags:
+        assert info["mr"] == 3, info
+    _check_random_geometries(7, 6)
 
 
 def test_reference_backend_is_selectable_by_env(monkeypatch):

@@ -1,6 +1,7 @@
 /* Binary (1-bit) conv2d / linear by XOR-popcount and AND-popcount on bit-packed operands.
  *
- * Built at first use by bidm/export/kernels.py (plain C11, `cc -O3 -shared -fPIC [-fopenmp] [-mavx2 -mpopcnt]`)
+ * Built at first use by bidm/export/kernels.py (plain C11, `cc -O3 -shared -fPIC [-fopenmp] [-mavx2 -mpopcnt]
+ * [-mavx512f -mavx512vpopcntdq]`)
  * and called through ctypes on contiguous torch buffers. The layout is the one of bidm/export/pack.py
  * (LAYOUT_VERSION 1):
  *
@@ -23,8 +24,9 @@
  *
  * Blocking: the output pixels (b, oh, ow) are cut into tiles of MC pixels, one tile per OpenMP task. Each task
  * gathers its tile's im2col rows (KW = kh*kw*Wc words each) once, then sweeps the weight panel (NR = 8 output
- * channels interleaved per word, see bidm_make_panel) with an MR x NR micro-kernel: AVX2 nibble-LUT popcount
- * (vpshufb) on 4x64-bit lanes, or scalar 64-bit popcount where AVX2 is not compiled in.
+ * channels interleaved per word, see bidm_make_panel) with an MR x NR micro-kernel, the fastest one compiled in:
+ * AVX-512 VPOPCNTDQ (one vpopcntq per 8 words), else the AVX2 nibble-LUT popcount (vpshufb) on 4x64-bit lanes,
+ * else scalar 64-bit popcount.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,13 +38,24 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#define BIDM_AVX512 1 /* the micro-kernel counts with vpopcntq on 8 x 64-bit lanes */
+#else
+#define BIDM_AVX512 0
+#endif
 
-#define BIDM_ABI_VERSION 2
-#define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes) */
+#define BIDM_ABI_VERSION 3
+#define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes, one 8x64-bit AVX-512 lane) */
 #ifndef BIDM_MR
+#if BIDM_AVX512
+#define BIDM_MR 4
+#else
 #define BIDM_MR 2
 #endif
-#define MR BIDM_MR /* pixels per micro-kernel call; 2 beat 3 and 4 here (4 spills accumulators), -DBIDM_MR=N to try */
+#endif
+/* pixels per micro-kernel call. AVX2: 2 beat 3 and 4 (4 spills accumulators); AVX-512: see bench/kernel.py --mr.
+ * -DBIDM_MR=N (BIDM_CFLAGS) to try others. */
+#define MR BIDM_MR
 #define MC 64 /* pixels per task (im2col tile) */
 
 int bidm_abi_version(void) { return BIDM_ABI_VERSION; }
@@ -62,6 +75,10 @@ int bidm_has_avx2(void) {
     return 0;
 #endif
 }
+
+int bidm_has_avx512(void) { return BIDM_AVX512; }
+
+int bidm_mr(void) { return MR; }
 
 static inline int popc64(uint64_t x) { return __builtin_popcountll(x); }
 
@@ -174,9 +191,10 @@ void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, 
  * With AVX2 (SPLIT = 2) every word w is stored as two "nibble words", lo = w & 0x0f..0f and hi = (w >> 4) & 0x0f..0f,
  * because OP(a, w) commutes with the split for OP in {XOR, AND}: the micro-kernel then needs no shift or mask
  * before its vpshufb lookups. Panel: [ceil(Cout/NR), KW, SPLIT, NR] (NR output channels interleaved per word,
- * channels past Cout zero). Tile rows: [MR-padded pixels, KW, SPLIT]. Without AVX2 (SPLIT = 1) words stay whole. */
+ * channels past Cout zero). Tile rows: [MR-padded pixels, KW, SPLIT]. With AVX-512 VPOPCNTDQ or without AVX2
+ * (SPLIT = 1) words stay whole. */
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && !BIDM_AVX512
 #define SPLIT 2
 #else
 #define SPLIT 1
@@ -207,7 +225,26 @@ void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *pane
 /* ---------------------------------------------------------------------------------------------------------------
  * Micro-kernels: cnt[i][j] = sum_k popc(OP(A[i][k], P[k][j])), i < MR pixels, j < NR channels. */
 
-#if defined(__AVX2__)
+#if BIDM_AVX512
+/* one zmm holds the NR = 8 channels' words of tap-word k; the pixel's word is broadcast (folded into the xor) */
+#define DEFINE_MICRO_AVX512(NAME, OP)                                                                            \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
+        __m512i acc[MR];                                                                                         \
+        for (int i = 0; i < MR; i++) acc[i] = _mm512_setzero_si512();                                            \
+        for (int64_t k = 0; k < KW; k++) {                                                                       \
+            const __m512i w = _mm512_loadu_si512((const void *)(P + k * NR));                                    \
+            for (int i = 0; i < MR; i++) {                                                                       \
+                const __m512i a = _mm512_set1_epi64((long long)A[i * KW + k]);                                   \
+                acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(OP(a, w)));                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int i = 0; i < MR; i++) _mm256_storeu_si256((__m256i *)cnt[i], _mm512_cvtepi64_epi32(acc[i]));     \
+    }
+
+DEFINE_MICRO_AVX512(micro_xor, _mm512_xor_si512)
+DEFINE_MICRO_AVX512(micro_and, _mm512_and_si512)
+
+#elif defined(__AVX2__)
 #define DEFINE_MICRO_AVX2(NAME, OP)                                                                              \
     static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
         const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, \

@@ -4,7 +4,9 @@ Build: ``bidm/csrc/bitgemm.c`` is plain C11 with no Python or torch headers. At 
 system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``$BIDM_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/bidm`` or ``~/.cache/bidm``; a temp dir when that is not writable) under a name hashed from the
 source, flags, compiler version and CPU, and loaded with ctypes. Flags: ``-O3 -shared -fPIC``, plus ``-fopenmp``
-(dropped if the compiler lacks OpenMP) and, on x86-64 CPUs that report them, ``-mavx2 -mpopcnt``. Why not
+(dropped if the compiler lacks OpenMP) and, on x86-64 CPUs that report them, ``-mavx2 -mpopcnt`` and
+``-mavx512f -mavx512vpopcntdq`` (the micro-kernel then counts 8 words per ``vpopcntq``; ``BIDM_CFLAGS=-mno-avx512f``
+keeps the AVX2 nibble-LUT kernel, ``-mno-avx2 -mno-avx512f`` the scalar one). Why not
 ``torch.utils.cpp_extension``: it needs ninja and torch's C++ headers, takes ~1 min to compile and ties the
 artefact to the torch ABI; this build takes about a second and works with any torch.
 
@@ -39,7 +41,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from bidm.export import pack
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bitgemm.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 PANEL_WIDTH = 8  # NR of bitgemm.c: output channels per weight panel
 _MODES = {"pm1": 0, "01": 1}
 
@@ -67,6 +69,19 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the popcount ISA it offers, e.g. ``Intel(R) Xeon(R) Processor (avx512-vpopcntdq)``."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    flags = _cpu_flags()
+    isa = "avx512-vpopcntdq" if {"avx512f", "avx512_vpopcntdq"} <= flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{name} ({isa})"
 
 
 def _compiler() -> str | None:
@@ -102,9 +117,11 @@ def _build_and_load() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    base = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
+    base = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off"]  # no FMA: the epilogue matches torch
     if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "popcnt"} <= _cpu_flags():
         base += ["-mavx2", "-mpopcnt"]
+        if {"avx512f", "avx512_vpopcntdq"} <= _cpu_flags():
+            base += ["-mavx512f", "-mavx512vpopcntdq"]
     base += os.environ.get("BIDM_CFLAGS", "").split()  # e.g. "-march=native", or "-mno-avx2" for the scalar path
     errors = []
     for flags in (base + ["-fopenmp"], base):
@@ -160,7 +177,12 @@ def library() -> ctypes.CDLL | None:
         lib = _build_and_load()
         if lib is not None:
             _declare(lib)
-            _state["info"].update(openmp=bool(lib.bidm_has_openmp()), avx2=bool(lib.bidm_has_avx2()))
+            _state["info"].update(
+                openmp=bool(lib.bidm_has_openmp()),
+                avx2=bool(lib.bidm_has_avx2()),
+                avx512=bool(lib.bidm_has_avx512()),
+                mr=lib.bidm_mr(),
+            )
         _state["lib"] = lib
     return _state["lib"]
 
@@ -188,7 +210,8 @@ def backend(requested: str | None = None) -> str:
 
 
 def kernel_info() -> dict:
-    """Which backend runs and how it was built (path, compiler, flags, openmp, avx2, or the reason it was not)."""
+    """Which backend runs and how it was built (path, compiler, flags, openmp, avx2, avx512, micro-kernel rows mr),
+    or the reason it was not."""
     name = backend()
     return {"backend": name, **_state["info"]}
 
