@@ -9,7 +9,17 @@ import torch.nn as nn
 from bidm.binarize import METHODS, binarize_, set_timestep
 from bidm.config import BinarizeConfig, Config, to_dict
 from bidm.errors import CheckpointError
-from bidm.export import convert_, export_model, is_packed, kernels, load_packed, pack_, read_packed, save_packed
+from bidm.export import (
+    convert_,
+    export_model,
+    is_packed,
+    kernels,
+    load_packed,
+    pack,
+    pack_,
+    read_packed,
+    save_packed,
+)
 from bidm.models import build_model
 from bidm.unet import tiny_unet_config
 
@@ -194,8 +204,19 @@ def test_file_holds_bits_and_metadata_and_rejects_foreign_files(tmp_path):
     assert tensors[f"{name}.weight_bits"].dtype == torch.int64 and f"{name}.weight" not in tensors
     geom = header["layers"][name]
     assert geom["kind"] == "conv2d" and geom["method"] == "bidm" and geom["padding"] == [1, 1]
-    assert header["layout"]["name"] == "bidm-bits/1" and header["format_version"] == 1
+    assert header["layout"]["name"] == "bidm-bits/1" and header["format_version"] == 2
     assert header["layers"]["unet.down.0.block.0.temb_proj"]["kind"] == "linear"
+    state = model.state_dict()
+    for key in (f"{name}.weight_bits", "unet.down.0.block.0.temb_proj.weight_bits"):
+        assert torch.equal(tensors[key], state[key])  # the dense stream comes back as the model's padded words
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert f"{name}.weight_bits" not in stored
+    cout, cin = geom["out_channels"], geom["in_channels"]
+    stream = stored[f"{name}.weight_bitstream"]
+    assert stream.dtype == torch.uint8 and stream.numel() == (cout * 9 * cin + 7) // 8  # no padding at all
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
@@ -203,6 +224,36 @@ def test_file_holds_bits_and_metadata_and_rejects_foreign_files(tmp_path):
         read_packed(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="pack_"):
         save_packed(build_model(cfg), tmp_path / "unpacked.safetensors")
+
+
+def test_bitstream_roundtrip_and_format_1_files_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from bidm import integrity
+    from bidm.export import io
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(5, 3, 3, 70), (3, 1, 1, 64), (2, 1, 3, 1)]:
+        codes = torch.where(torch.randn(*shape, generator=gen) > 0, 1.0, -1.0)
+        words = pack.pack_codes(codes)  # [Cout, kh, kw, Wc]
+        stream = io.dense_bitstream(words, shape[-1])
+        assert stream.numel() == (codes.numel() + 7) // 8
+        assert torch.equal(io.words_from_bitstream(stream, shape), words)
+    with pytest.raises(ValueError, match="uint8 bytes"):
+        io.words_from_bitstream(stream[:-1], shape)
+    # a format-1 file (padded int64 words stored as they are) written by an older bidm still loads
+    cfg = tiny_config("xnor")
+    model = pack_(build_model(cfg).eval())
+    tensors = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    layers = {n: io.layer_geometry(n, m) for n, m in model.named_modules() if is_packed(m)}
+    header = {"format_version": 1, "layout": {"name": pack.LAYOUT}, "layers": layers, "config": to_dict(cfg)}
+    meta = integrity.with_digest(tensors, {"format": io.FORMAT, "layout": pack.LAYOUT, "bidm": json.dumps(header)})
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=meta)
+    loaded, _ = load_packed(tmp_path / "v1.safetensors")
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, tensors[k]), k
 
 
 def test_export_command_writes_a_file_that_sample_can_load(tmp_path, capsys):

@@ -1,7 +1,10 @@
 """The packed model file: one safetensors file, nothing pickled.
 
-Tensors: the packed model's state dict. Binarized weights are ``<layer>.weight_bits`` (int64 words, layout
-`bidm.export.pack.LAYOUT`); every other tensor (FP layers, ``weight_alpha``, thresholds, k-convs, shortcut
+Tensors: the packed model's state dict, except that each binarized weight is stored as ``<layer>.weight_bitstream``:
+its codes as one dense little-endian bit stream (uint8, no per-row or per-word padding, element order [Cout, kh, kw,
+Cin]), which `read_packed` turns back into the model's ``<layer>.weight_bits`` words (layout
+`bidm.export.pack.LAYOUT`, padded to 64 bits per tap). Format 1 files stored the padded words themselves and still
+load. Every other tensor (FP layers, ``weight_alpha``, thresholds, k-convs, shortcut
 convs/scales, RPReLU, Gamma, TBS alpha table, ...) is stored as it is in the model (FP32 for a FP32 model).
 
 Metadata (safetensors string fields): ``format`` = `FORMAT`, ``layout`` = `pack.LAYOUT`, and ``bidm`` = JSON with
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
@@ -27,7 +31,8 @@ from bidm.export.packed_layers import PackedBinaryConv2d, is_packed, pack_
 from bidm.fileio import atomic_write
 
 FORMAT = "bidm-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dense weight bit streams; 1: padded int64 words (read, not written)
+READABLE_VERSIONS = (1, 2)
 LAYOUT_SPEC = (
     "bit 1 = code -1 (pm1) or code 1 (01); 64 codes per int64 word along the reduction axis, little-endian bit "
     "order (element c -> word c//64, bit c%64); padding bits 0; conv weight [Cout, kh, kw, ceil(Cin/64)] (reduction "
@@ -60,6 +65,9 @@ def save_packed(model: nn.Module, path: str | Path, config: dict | None = None) 
     if not layers:
         raise ValueError("save_packed: the model has no packed binary layers; run bidm.export.pack_(model) first")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    for name, geom in layers.items():
+        words = tensors.pop(f"{name}.weight_bits")
+        tensors[f"{name}.weight_bitstream"] = dense_bitstream(words, _reduction_cin(geom))
     from bidm.checkpoint import first_nonfinite
 
     bad = first_nonfinite(tensors)
@@ -90,12 +98,52 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path} is not a bidm packed model (format {meta.get('format')!r})")
     header = _header(path, meta)
     integrity.verify(path, tensors, meta)
-    if header.get("format_version") != FORMAT_VERSION or meta.get("layout") != pack.LAYOUT:
+    if header.get("format_version") not in READABLE_VERSIONS or meta.get("layout") != pack.LAYOUT:
         raise CheckpointError(
             f"{path}: packed format {header.get('format_version')} / layout {meta.get('layout')} is not supported "
-            f"by this bidm (format {FORMAT_VERSION}, layout {pack.LAYOUT})"
+            f"by this bidm (formats {list(READABLE_VERSIONS)}, layout {pack.LAYOUT})"
         )
+    if header["format_version"] >= 2:
+        for name, geom in header.get("layers", {}).items():
+            stream = tensors.pop(f"{name}.weight_bitstream", None)
+            if stream is None:
+                raise CheckpointError(f"{path}: packed layer {name!r} has no weight_bitstream tensor")
+            try:
+                words = words_from_bitstream(stream, _weight_shape(geom))
+                tensors[f"{name}.weight_bits"] = words if geom["kind"] == "conv2d" else words[:, 0, 0]
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{path}: packed layer {name!r}: bad geometry or bit stream ({err})") from None
     return tensors, header
+
+
+def _reduction_cin(geom: dict) -> int:
+    return int(geom["in_channels"] if geom["kind"] == "conv2d" else geom["in_features"])
+
+
+def _weight_shape(geom: dict) -> tuple[int, int, int, int]:
+    """(Cout, kh, kw, Cin) of a packed layer's codes, from its header geometry."""
+    if geom["kind"] == "conv2d":
+        kh, kw = geom["kernel_size"]
+        return int(geom["out_channels"]), int(kh), int(kw), int(geom["in_channels"])
+    return int(geom["out_features"]), 1, 1, int(geom["in_features"])
+
+
+def dense_bitstream(words: torch.Tensor, cin: int) -> torch.Tensor:
+    """Padded words ``[Cout, (kh, kw,) Wc]`` -> uint8 stream of the ``Cout*kh*kw*cin`` bits, densely."""
+    bits = pack.unpack_bits(words.numpy(), cin)  # [..., cin]
+    return torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="little"))
+
+
+def words_from_bitstream(stream: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """Inverse of `dense_bitstream` for codes of ``shape`` = (Cout, kh, kw, Cin): words [Cout, kh, kw, Wc]."""
+    cout, kh, kw, cin = shape
+    n = cout * kh * kw * cin
+    if stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() != (n + 7) // 8:
+        raise ValueError(
+            f"expected {(n + 7) // 8} uint8 bytes for codes {shape}, got {tuple(stream.shape)} {stream.dtype}"
+        )
+    bits = np.unpackbits(stream.numpy(), bitorder="little")[:n].reshape(cout, kh, kw, cin)
+    return torch.from_numpy(pack.pack_bits(bits))
 
 
 def _header(path: Path, meta: dict[str, str]) -> dict:
@@ -156,8 +204,9 @@ def size_report(model: nn.Module, path: str | Path | None = None) -> dict:
 
     ``fp32_bytes``: every tensor at 4 bytes, binarized weights dense (the same network as an FP32 checkpoint,
     binarizer tensors included). ``theoretical_bytes``: binarized weights at exactly 1 bit each (no word padding),
-    every other tensor at 4 bytes. ``packed_tensor_bytes``: what the file holds in tensors (int64 words with padding
-    to 64 bits, the rest at their dtype); the file adds its JSON header.
+    every other tensor at 4 bytes. ``packed_tensor_bytes``: what the packed model holds in memory (int64 words with
+    padding to 64 bits, the rest at their dtype); the file stores the binarized weights as dense bit streams
+    (``theoretical_bytes`` up to a byte per layer) and adds its JSON header.
     """
     binary_bits = fp_numel = stored = 0
     for name, t in model.state_dict().items():
