@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def pixel_stats(images: np.ndarray) -> dict:
     x = images.astype(np.float32) / 255.0
@@ -52,7 +54,10 @@ def main(argv=None) -> int:
             f"{s['mean']:.3f} |"
         )
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        import protocol  # the commit of this tool; each run's own commit is in its quality row
+
+        data = {"tool": "bench/sample_stats.py", **protocol.code_version(), "runs": rows}
+        Path(args.out).write_text(json.dumps(data, indent=1))
     return 0
 
 
