@@ -47,14 +47,10 @@
 #define BIDM_ABI_VERSION 3
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes, one 8x64-bit AVX-512 lane) */
 #ifndef BIDM_MR
-#if BIDM_AVX512
-#define BIDM_MR 4
-#else
 #define BIDM_MR 2
 #endif
-#endif
-/* pixels per micro-kernel call. AVX2: 2 beat 3 and 4 (4 spills accumulators); AVX-512: see bench/kernel.py --mr.
- * -DBIDM_MR=N (BIDM_CFLAGS) to try others. */
+/* pixels per micro-kernel call. AVX2: 2 beat 3 and 4 (4 spills accumulators). AVX-512: 2, 4 and 8 are within
+ * run-to-run noise of each other (bench/gemm_micro.py). -DBIDM_MR=N (BIDM_CFLAGS) to try others. */
 #define MR BIDM_MR
 #define MC 64 /* pixels per task (im2col tile) */
 
