@@ -36,3 +36,16 @@ def test_sample_speed_quick_writes_rows_and_kernel_table_renders(tmp_path):
     assert set(data) == {"trajectories", "kernel"}
     md = render.kernel_section(data)
     assert "70→13" in md and "images/s" in md and "| xnor | 1 | 1 |" in md
+
+
+def test_gemm_micro_runs_every_shape(capsys):
+    import pytest
+
+    from bidm.export import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    micro = _bench_module("gemm_micro")
+    assert micro.main(["--threads", "1", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "MR" in out and out.count(" ms") == len(micro.SHAPES)
