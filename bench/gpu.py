@@ -7,7 +7,8 @@
 It trains the FP teacher (the DDIM CIFAR-10 UNet shape: ch 128, mult 1-2-2-2, 2 res blocks, attention at 16x16,
 35.7 M parameters) from scratch and its xnor and bidm students by distillation, each for ``--steps`` steps through
 `bidm.train.run` (Accelerate; ``train.device``), samples every model with DDIM, then packs both students and samples
-the packed files (the bit kernels are CPU code: the packed rows run on the CPU). Reports per path: step time, peak
+the packed files: on the CPU (the popcount kernels) and, on a GPU, on the device too (int8 GEMMs of the codes,
+`bidm.export.int8_gemm`, with its parity against the fake-binary student). Reports per path: step time, peak
 memory (CUDA allocator peak, or the process's peak RSS on CPU), sampling images/s, for the teacher also in FP16 and
 bf16 autocast. Writes JSON (``--out``) and prints a Markdown table. Exits non-zero when any path fails; the error
 is in the JSON. Data: ``--data-path`` (an ``.npz`` of uint8 ``images`` [N, H, W, 3]); by default synthetic smooth
@@ -165,7 +166,20 @@ def main(argv=None) -> int:
             report = export_model(model, run_dir / "packed.safetensors", to_dict(cfg))
             model, cfg = load_packed(run_dir / "packed.safetensors")  # CPU bit kernels
             speed = time_sampling(model, cfg, torch.device("cpu"), args.sample_n, args.sample_steps)
-            return {"packed_bytes": report.get("file_bytes"), "device": "cpu", "img_per_s": speed}
+            out = {"packed_bytes": report.get("file_bytes"), "device": "cpu", "img_per_s": speed}
+            if device.type != "cpu":  # the packed model on the device: int8 GEMMs of the codes (export.int8_gemm)
+                fake, _ = load_model(run_dir)
+                model, fake = model.to(device), fake.to(device).eval()
+                x = torch.randn(8, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution, device=device)
+                t = torch.full((8,), 500, device=device, dtype=torch.long)
+                with torch.no_grad():
+                    ref = fake(x, t)
+                    diff = (model(x, t) - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+                out.update(img_per_s_device=time_sampling(model, cfg, device, args.sample_n, args.sample_steps),
+                           max_rel_diff_device=diff)  # fmt: skip
+                if diff > 1e-3:
+                    raise RuntimeError(f"packed model on {device} differs from the fake-binary one: rel {diff:.2e}")
+            return out
 
         record(method, student)
         record(f"{method} packed", packed)
@@ -184,11 +198,13 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("\n| path | step s | peak MiB | img/s fp32 | img/s fp16 | img/s bf16 | packed img/s (CPU) | error |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| path | step s | peak MiB | img/s fp32 | img/s fp16 | img/s bf16 | packed img/s (CPU) | packed img/s "
+          "(device) | error |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [r["path"], r.get("step_s"), r["peak_mib"], r.get("img_per_s_fp32"), r.get("img_per_s_fp16"),
-                 r.get("img_per_s_bf16"), r.get("img_per_s"), r.get("error", "")]  # fmt: skip
+        keys = ("step_s", "peak_mib", "img_per_s_fp32", "img_per_s_fp16", "img_per_s_bf16", "img_per_s",
+                "img_per_s_device")  # fmt: skip
+        cells = [r["path"], *(r.get(k) for k in keys), r.get("error", "")]
         print("| " + " | ".join("" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells)
               + " |")  # fmt: skip
     print(f"wrote {args.out}")

@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
         "--device",
         default="auto",
         help="auto (default): this process's accelerator device (CUDA under `torchrun`/`accelerate "
-        "launch`, else CPU) for checkpoints, the CPU for packed files; or cpu, cuda, cuda:N",
+        "launch`, else CPU) for checkpoints, the CPU (popcount kernels) for packed files; or cpu, cuda, cuda:N "
+        "(a packed file on CUDA runs int8 GEMMs of its codes)",
     )
     add_force_arg(p)
     p.set_defaults(func=main)
@@ -56,7 +57,10 @@ def speed_line(model, n: int, seconds: float) -> str:
     from bidm.export import is_packed, kernel_info
 
     packed = any(is_packed(m) for m in model.modules())
-    kind = f"packed XNOR-popcount kernel: {kernel_info()['backend']}" if packed else "PyTorch"
+    on_cpu = next(model.buffers(), torch.zeros(())).device.type == "cpu"
+    kind = "PyTorch"
+    if packed:
+        kind = f"packed XNOR-popcount kernel: {kernel_info()['backend']}" if on_cpu else "packed, int8 GEMM"
     rate = n / seconds if seconds > 0 else float("inf")
     return f"sampling: {n} images in {seconds:.2f} s = {rate:.2f} images/s ({kind}, {torch.get_num_threads()} threads)"
 
@@ -110,7 +114,8 @@ def main(args) -> int:
 
 
 def pick_device(choice: str, state, *, packed: bool):
-    """The device to sample on: ``auto`` is the process's accelerator device, except packed files (CPU kernels)."""
+    """The device to sample on: ``auto`` is the process's accelerator device, except packed files (the CPU popcount
+    kernels; they run elsewhere only when asked, by `bidm.export.int8_gemm`)."""
     import torch
 
     from bidm.errors import BidmError
@@ -120,8 +125,6 @@ def pick_device(choice: str, state, *, packed: bool):
     device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BidmError(f"--device {choice}: CUDA is not available here")
-    if packed and device.type != "cpu":
-        raise BidmError("packed files run on the CPU bit kernels: sample them with --device cpu (or auto)")
     return device
 
 

@@ -3,7 +3,8 @@
 A packed layer is the fake-binary layer with only ``binary_op`` replaced. Of the four forward steps
 (``docs/CONTRACTS.md``) it keeps ``quantize_input`` (run without autograd) and ``postprocess`` (every real-valued
 factor) exactly as the method wrote them, and runs the XNOR/AND-popcount kernel on the bit-packed codes of
-``quantize_weight()`` in place of ``F.conv2d`` / ``F.linear``.
+``quantize_weight()`` in place of ``F.conv2d`` / ``F.linear``; off the CPU (CUDA), an int8 GEMM of the codes
+(`bidm.export.int8_gemm`, weight bits unpacked once per device).
 
 Conversion is in place (`convert_`): the layer's class becomes ``Packed<Class>`` (a subclass of both the method's
 class and `PackedBinaryConv2d` / `PackedBinaryLinear`), so the module keeps its identity, its submodules and any
@@ -25,10 +26,14 @@ its shape still works and code that computes from it fails; such a method cannot
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from bidm.binarize.core import BinaryConv2d, BinaryLayer, BinaryLinear
-from bidm.export import fused, kernels, pack
+from bidm.export import fused, int8_gemm, kernels, pack
+
+
+def off_cpu(a: torch.Tensor) -> bool:
+    """Whether ``a`` takes the int8 GEMM path (`bidm.export.int8_gemm`) instead of the CPU popcount kernel."""
+    return a.device.type != "cpu"
 
 
 class PackedLayer:
@@ -69,6 +74,15 @@ class PackedLayer:
     def extra_repr(self) -> str:
         return super().extra_repr() + ", packed"
 
+    def int8_weight(self, device: torch.device) -> torch.Tensor:
+        """The int8 code matrix of `bidm.export.int8_gemm` on ``device``, rebuilt when ``weight_bits`` changes."""
+        bits = self.weight_bits
+        key = (bits.data_ptr(), bits._version, torch.device(device))
+        if getattr(self, "_int8_key", None) != key:
+            self._int8_cache = int8_gemm.weight_matrix(bits, self.cin, device)
+            self._int8_key = key
+        return self._int8_cache
+
     def kernel_weight(self) -> kernels.KernelWeight:
         """Kernel-ready weight, rebuilt when ``weight_bits`` changes (e.g. by load_state_dict)."""
         bits = self.weight_bits
@@ -90,8 +104,9 @@ class PackedBinaryConv2d(PackedLayer, BinaryConv2d):
         return pack.unpack_conv_weight(self.weight_bits.detach().cpu(), self.in_channels)
 
     def binary_op(self, a: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        if a.device.type != "cpu":  # the kernel is CPU-only: exact conv of the unpacked codes elsewhere
-            return F.conv2d(a, self.quantize_weight().to(a.dtype), None, self.stride, self.packed_padding)
+        if off_cpu(a):  # the popcount kernel is CPU-only: int8 GEMM of the codes elsewhere
+            w8 = self.int8_weight(a.device)
+            return int8_gemm.conv2d(a, w8, self.out_channels, self.kernel_size, self.stride, self.packed_padding)
         a_words = kernels.pack_activation(a, self.a_code)
         return kernels.binary_conv2d(a_words, self.kernel_weight(), self.stride, self.packed_padding, self.a_code)
 
@@ -107,8 +122,8 @@ class PackedBinaryLinear(PackedLayer, BinaryLinear):
         return pack.unpack_codes(self.weight_bits.detach().cpu(), self.in_features, "pm1")
 
     def binary_op(self, a: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        if a.device.type != "cpu":
-            return F.linear(a, self.quantize_weight().to(a.dtype))
+        if off_cpu(a):
+            return int8_gemm.linear(a, self.int8_weight(a.device), self.out_features)
         lead = a.shape[:-1]
         a_words = kernels.pack_activation(a.reshape(-1, a.shape[-1]), self.a_code)
         y = kernels.binary_linear(a_words, self.kernel_weight(), self.a_code)
