@@ -4,18 +4,22 @@
     BIDM_CFLAGS="-DBIDM_MR=4" python bench/gemm_micro.py        # another pixel block
     BIDM_CFLAGS="-mno-avx512f" python bench/gemm_micro.py       # the AVX2 nibble-LUT kernel on an AVX-512 CPU
 
-Each build variant is compiled into the kernel cache under its own name. Prints the minimum over 7 runs per shape.
+Each build variant is compiled into the kernel cache under its own name. Prints the minimum over ``--reps`` runs
+per shape (after one warm-up).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+from functools import partial
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel as K  # noqa: E402
+import torch  # noqa: E402
 
-from bidm.export import kernels, pack
+from bidm.export import kernels, pack  # noqa: E402
 
 SHAPES = [(128, 128, 32, 16), (128, 128, 16, 64), (256, 256, 8, 64), (256, 256, 4, 64)]  # Cin, Cout, H=W, batch
 
@@ -37,13 +41,8 @@ def main(argv=None) -> int:
         words = pack.pack_codes(a, "pm1")
         w = torch.where(torch.rand(cout, cin, 3, 3, generator=gen) < 0.5, 1.0, -1.0)
         weight = kernels.KernelWeight(pack.pack_conv_weight(w), cin)
-        kernels.binary_conv2d(words, weight, padding=(1, 1))
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            kernels.binary_conv2d(words, weight, padding=(1, 1))
-            times.append(time.perf_counter() - t0)
-        print(f"  {cin}->{cout} 3x3 {hw}x{hw} batch {b}: {min(times) * 1e3:.2f} ms")
+        best, _ = K.timeit(partial(kernels.binary_conv2d, words, weight, padding=(1, 1)), args.reps)
+        print(f"  {cin}->{cout} 3x3 {hw}x{hw} batch {b}: {best * 1e3:.2f} ms")
     return 0
 
 

@@ -84,10 +84,9 @@ def code_version() -> dict:
 def machine() -> str:
     from bidm.export.kernels import cpu_model
 
-    cpu = cpu_model()
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def config_hash(cfg: Config) -> str:

@@ -128,3 +128,19 @@ def test_diffusers_unet_loads_from_local_directory(tmp_path):
     assert all(name in modules for name in model.feature_blocks())
     with pytest.raises(CheckpointError, match="config.json"):
         DiffusersUNet.from_pretrained(tmp_path)
+
+
+def test_resblock_adds_in_place_only_without_autograd_and_at_the_same_dtype():
+    from bidm.unet import _add_to_fresh
+
+    h, other = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    with torch.no_grad():
+        out = _add_to_fresh(h, other)
+    assert out is h and torch.equal(h, torch.full((2, 3), 3.0))  # written into the fresh tensor
+    low = torch.ones(2, 3, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = _add_to_fresh(low, other)  # as under autocast: the sum is float32, like low + other
+    assert out.dtype == torch.float32 and out is not low and torch.equal(low, torch.ones(2, 3, dtype=torch.bfloat16))
+    h = torch.ones(2, 3, requires_grad=True)
+    out = _add_to_fresh(h, other)
+    assert out is not h and out.requires_grad

@@ -82,6 +82,14 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
+def _add_to_fresh(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``h + other``, written into ``h`` (a tensor the caller just made) when autograd is off and the sum keeps
+    ``h``'s dtype (under autocast ``other`` may be wider): the same values either way."""
+    if not torch.is_grad_enabled() and torch.result_type(h, other) == h.dtype:
+        return h.add_(other)
+    return h + other
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
         super().__init__()
@@ -96,14 +104,13 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # Without autograd (sampling, the teacher, TBS cache passes) the SiLU and the adds run in place on tensors
-        # this block just made: the same values, two fewer passes over memory (bench/kernel.py's full step).
+        # this block just made: the same values, fewer passes over memory (bench/kernel.py's full step).
         fresh = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=fresh))
-        t = self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = h.add_(t) if fresh else h + t
+        h = _add_to_fresh(h, self.temb_proj(F.silu(temb))[:, :, None, None])
         h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=fresh)))
         skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return h.add_(skip) if fresh else skip + h
+        return _add_to_fresh(h, skip)
 
 
 class AttnBlock(nn.Module):

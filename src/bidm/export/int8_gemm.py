@@ -16,21 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bidm.export import pack
+from bidm.export.kernels import conv_output_size
 
 
 def _pad_to(n: int, multiple: int) -> int:
     return -n % multiple
 
 
-def weight_matrix(words: torch.Tensor, cin: int, device: torch.device) -> torch.Tensor:
-    """int8 codes [K_pad, N_pad] (K = Cin*kh*kw in F.unfold's order, N = Cout) from conv words [Cout, kh, kw, Wc]
-    or linear words [Cout, Wc]; K and N padded with zeros to multiples of 8."""
-    if words.dim() == 2:
-        codes = pack.unpack_codes(words.detach().cpu(), cin, "pm1")  # [Cout, Cin]
-    else:
-        codes = pack.unpack_conv_weight(words.detach().cpu(), cin).flatten(1)  # [Cout, Cin*kh*kw]
-    w = codes.to(torch.int8).T  # [K, N]
+def weight_matrix(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int8 codes [K_pad, N_pad] from +-1 weight codes [Cout, Cin, kh, kw] (K = Cin*kh*kw in F.unfold's order) or
+    [Cout, Cin] (K = Cin), N = Cout; K and N padded with zeros to multiples of 8."""
+    w = codes.flatten(1).to(torch.int8).T  # [K, N]
     w = F.pad(w, (0, _pad_to(w.shape[1], 8), 0, _pad_to(w.shape[0], 8)))
     return w.contiguous().to(device)
 
@@ -44,10 +40,9 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
 
 def conv2d(a: torch.Tensor, w: torch.Tensor, cout: int, kernel_size, stride, padding) -> torch.Tensor:
     """``F.conv2d(a, codes)`` for activation codes ``a`` [B, Cin, H, W]: float32 [B, Cout, Ho, Wo] (exact integers)."""
-    b, _, h, wd = a.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    cols = F.unfold(a, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # [B, K, L]
+    b = a.shape[0]
+    ho, wo = conv_output_size(*a.shape[2:], kernel_size, stride, padding)
+    cols = F.unfold(a, kernel_size, padding=padding, stride=stride)  # [B, K, L]
     y = int_matmul(cols.transpose(1, 2).reshape(b * ho * wo, -1), w, cout)  # [B*L, Cout]
     return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2).float()
 

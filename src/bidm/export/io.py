@@ -67,7 +67,7 @@ def save_packed(model: nn.Module, path: str | Path, config: dict | None = None) 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     for name, geom in layers.items():
         words = tensors.pop(f"{name}.weight_bits")
-        tensors[f"{name}.weight_bitstream"] = dense_bitstream(words, _reduction_cin(geom))
+        tensors[f"{name}.weight_bitstream"] = dense_bitstream(words, _weight_shape(geom)[3])
     from bidm.checkpoint import first_nonfinite
 
     bad = first_nonfinite(tensors)
@@ -114,10 +114,6 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             except (KeyError, TypeError, ValueError) as err:
                 raise CheckpointError(f"{path}: packed layer {name!r}: bad geometry or bit stream ({err})") from None
     return tensors, header
-
-
-def _reduction_cin(geom: dict) -> int:
-    return int(geom["in_channels"] if geom["kind"] == "conv2d" else geom["in_features"])
 
 
 def _weight_shape(geom: dict) -> tuple[int, int, int, int]:

@@ -118,9 +118,10 @@ def _build_and_load() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     base = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off"]  # no FMA: the epilogue matches torch
-    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "popcnt"} <= _cpu_flags():
+    cpu = _cpu_flags()
+    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "popcnt"} <= cpu:
         base += ["-mavx2", "-mpopcnt"]
-        if {"avx512f", "avx512_vpopcntdq"} <= _cpu_flags():
+        if {"avx512f", "avx512_vpopcntdq"} <= cpu:
             base += ["-mavx512f", "-mavx512vpopcntdq"]
     base += os.environ.get("BIDM_CFLAGS", "").split()  # e.g. "-march=native", or "-mno-avx2" for the scalar path
     errors = []

@@ -74,23 +74,27 @@ class PackedLayer:
     def extra_repr(self) -> str:
         return super().extra_repr() + ", packed"
 
-    def int8_weight(self, device: torch.device) -> torch.Tensor:
-        """The int8 code matrix of `bidm.export.int8_gemm` on ``device``, rebuilt when ``weight_bits`` changes."""
+    def _derived_weight(self, slot: str, device, build):
+        """``build()``, cached in ``slot`` until ``weight_bits`` changes (load_state_dict, ...) or ``device`` does."""
         bits = self.weight_bits
-        key = (bits.data_ptr(), bits._version, torch.device(device))
-        if getattr(self, "_int8_key", None) != key:
-            self._int8_cache = int8_gemm.weight_matrix(bits, self.cin, device)
-            self._int8_key = key
-        return self._int8_cache
+        key = (bits.data_ptr(), bits._version, bits.device, device)
+        cached = self.__dict__.get(slot)
+        if cached is None or cached[0] != key:
+            cached = self.__dict__[slot] = (key, build())
+        return cached[1]
+
+    def int8_weight(self, device: torch.device) -> torch.Tensor:
+        """The int8 code matrix of `bidm.export.int8_gemm` on ``device``."""
+        device = torch.device(device)
+        return self._derived_weight(
+            "_int8_cache", device, lambda: int8_gemm.weight_matrix(self.unpacked_weight(), device)
+        )
 
     def kernel_weight(self) -> kernels.KernelWeight:
-        """Kernel-ready weight, rebuilt when ``weight_bits`` changes (e.g. by load_state_dict)."""
-        bits = self.weight_bits
-        key = (bits.data_ptr(), bits._version, bits.device)
-        if getattr(self, "_kernel_key", None) != key:
-            self._kernel_cache = kernels.KernelWeight(bits.detach().cpu(), self.cin)
-            self._kernel_key = key
-        return self._kernel_cache
+        """Kernel-ready weight for the CPU popcount kernel."""
+        return self._derived_weight(
+            "_kernel_cache", None, lambda: kernels.KernelWeight(self.weight_bits.detach().cpu(), self.cin)
+        )
 
 
 class PackedBinaryConv2d(PackedLayer, BinaryConv2d):
