@@ -12,6 +12,9 @@ Every variant is the ``bidm`` method under configs/recipes/cpu_cifar16.yaml with
                        on every output block, instead of the recipe's eta=1-matched cache (bidm's improvement)
     bidm+kd   BiDM plus output distillation to the teacher's eps, weight 1 (``binarize.output_kd=1``, as the
               reactnet and efficientdm recipes); not in the paper, whose BiDM trains against the true noise only
+    bidm+bias BiDM keeping the teacher's FP bias in every binary layer (``binarize.options.bias=true``); the
+              official binary mode drops it, so no binary layer can add a per-channel offset
+    bidm+bias+kd  both improvement candidates together
 
 Rows go to bench/results/ablation_cifar16.json (field ``variant``) and bench/RESULTS.md. Seeds: 3 for vanilla and
 bidm, 1 for the rest. Runs in parts with ``--variants`` / ``--seeds``; the full ``bidm`` variant's run directory
@@ -44,6 +47,10 @@ VARIANTS = {
     "bidm-official-tbs": ["binarize.train_cache=t+1", "binarize.train_cache_noise=same", "binarize.tbs_alpha_init=0.3",
                           "binarize.tbs_blocks=6"],
     "bidm+kd": ["binarize.output_kd=1.0"],
+    # improvement candidate: keep the teacher's FP bias in every binary layer (the official binary mode drops it,
+    # so no binary layer can add a per-channel offset; every baseline but xnor keeps it)
+    "bidm+bias": ["binarize.options.bias=true"],
+    "bidm+bias+kd": ["binarize.options.bias=true", "binarize.output_kd=1.0"],
 }  # fmt: skip
 THREE_SEEDS = ("vanilla", "bidm")
 RESULTS_FILE = P.RESULTS / "ablation_cifar16.json"
