@@ -13,10 +13,12 @@ run and every repair, the samples are scored in Inception space against the prot
 - ``blur``: a 3x3 binomial blur, removing pixel-level residual noise (applied to the teacher too, as a control);
 - ``chroma+blur``: both.
 
-Geometry columns (Inception pool space, Euclidean): ``r_fake`` = median distance of a sample to its k-th nearest
-sample (the radius of the balls recall is counted with), ``d_real`` = median distance of a real image to its nearest
-sample. Recall is the share of real images with a sample within that sample's radius, so low recall means either
-small radii (samples too alike) or large d_real (samples away from the real images).
+Geometry columns (Inception pool space, Euclidean): ``r_fake`` = median (and 90th percentile) distance of a sample
+to its k-th nearest sample (the radius of the balls recall is counted with), ``d_real`` = median distance of a real
+image to its nearest sample, ``coverage`` / ``density`` (Naeem et al. 2020; see `geometry`). Recall is the share of
+real images with a sample within that sample's radius, so low recall means small radii (samples too alike), large
+d_real (samples away from the real images), or few outlying samples with wide balls; coverage separates the last.
+Features are cached under ``--cache`` by a hash of the pixels.
 
 Cost: one Inception pass over the samples per (run, repair), about 5 minutes for 2000 images on 2 cores.
 """
@@ -65,13 +67,43 @@ def repair(images: np.ndarray, name: str, target_chroma: float) -> np.ndarray:
 
 
 def geometry(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
+    """k-NN geometry of the samples against the real images (squared distances inside, distances out).
+
+    ``coverage`` / ``density`` are Naeem et al. 2020's: coverage = share of real images whose own k-NN ball (among
+    the reals) holds at least one sample, robust to outlier samples, which recall is not (one far-off sample has a
+    wide ball that can hold many real images); density = mean count of real balls holding a sample, over k.
+    """
     from bidm import metrics
 
-    r_fake = np.sqrt(metrics.knn_radii(fake, k))
-    d = np.empty(len(real), np.float32)
+    r_fake = metrics.knn_radii(fake, k)
+    r_real = metrics.knn_radii(real, k)
+    nearest = np.empty(len(real), np.float32)
+    inside = np.zeros(len(fake), np.float64)  # per sample: how many real balls hold it
     for start in range(0, len(real), 512):
-        d[start : start + 512] = metrics._pairwise_sq_dists(real[start : start + 512], fake).min(1)
-    return {"r_fake": float(np.median(r_fake)), "d_real": float(np.median(np.sqrt(np.maximum(d, 0))))}
+        d = metrics._pairwise_sq_dists(real[start : start + 512], fake)  # [reals, samples]
+        nearest[start : start + 512] = d.min(1)
+        inside += (d <= r_real[start : start + 512, None]).sum(0)
+    return {
+        "r_fake": float(np.median(np.sqrt(r_fake))),
+        "r_fake_p90": float(np.percentile(np.sqrt(r_fake), 90)),
+        "d_real": float(np.median(np.sqrt(np.maximum(nearest, 0)))),
+        "coverage": float((nearest <= r_real).mean()),
+        "density": float(inside.mean() / k),
+    }
+
+
+def cached_features(images: np.ndarray, extractor, folder: Path) -> dict:
+    """Inception features of ``images``, kept in ``folder`` by a hash of the pixels (one pass costs minutes)."""
+    from bidm import features
+
+    file = folder / f"{features.fingerprint(images, extra=extractor.id)}.npz"
+    if file.is_file():
+        with np.load(file) as z:
+            return {key: z[key] for key in z.files}
+    fake = features.extract_features(images, extractor, progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(file, **fake)
+    return fake
 
 
 def main(argv=None) -> int:
@@ -88,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-ref", type=int, default=10000)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="bench/out/recall_probe", help="folder for the samples' features")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,12 +138,12 @@ def main(argv=None) -> int:
     rows = []
     source = "--target-chroma" if args.target_chroma is not None else args.runs[0]
     print(f"reference: {ref_desc}; target chroma {target:.3f} (from {source})")
-    print("| run | repair | chroma | FID | Prec % | Rec % | r_fake | d_real |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | repair | chroma | FID | Prec % | Rec % | coverage % | density | r_fake (p90) | d_real |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run, images in sets.items():
         for name in args.repairs.split(","):
             fixed = repair(images, name, target)
-            fake = features.extract_features(fixed, extractor, progress=False)
+            fake = cached_features(fixed, extractor, Path(args.cache))
             fid = metrics.frechet_distance(*metrics.feature_stats(fake["pool"]), ref["mu"], ref["sigma"])
             prec, rec = metrics.precision_recall(ref["pool"], fake["pool"], k=args.k)
             row = {"run": run, "repair": name, "n": len(fixed), "chroma": chroma(fixed), "fid": fid,
@@ -118,7 +151,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(
                 f"| {run} | {name} | {row['chroma']:.3f} | {fid:.1f} | {100 * prec:.1f} | {100 * rec:.2f} | "
-                f"{row['r_fake']:.2f} | {row['d_real']:.2f} |",
+                f"{100 * row['coverage']:.1f} | {row['density']:.3f} | {row['r_fake']:.2f} "
+                f"({row['r_fake_p90']:.2f}) | {row['d_real']:.2f} |",
                 flush=True,
             )
     if args.out:

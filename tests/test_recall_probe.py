@@ -39,3 +39,17 @@ def test_blur_by_hand():
     assert out.tolist() == [[10, 20, 10], [20, 40, 20], [10, 20, 10]]
     flat = np.full((1, 4, 4, 3), 77, np.uint8)
     assert (recall_probe.blur(flat) == 77).all()  # edge replication keeps a flat image flat
+
+
+def test_geometry_by_hand():
+    # reals on a line at 0, 1, 2, 3, 10 (k = 1: each real's ball radius is the distance to its nearest real)
+    real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]], np.float32)
+    fake = np.array([[0.1], [0.2], [9.0]], np.float32)
+    g = recall_probe.geometry(real, fake, k=1)
+    # nearest sample per real: 0.1, 0.8, 1.8, 2.8, 1.0; real radii (k=1): 1, 1, 1, 1, 7
+    assert g["coverage"] == pytest.approx(3 / 5)  # reals 0, 1 and 10 hold a sample in their ball
+    assert g["d_real"] == pytest.approx(1.0, abs=1e-5)
+    # samples 0.1 and 0.2 lie in the balls of reals 0 and 1 (2 each), 9.0 only in real 10's: density (2+2+1)/3
+    assert g["density"] == pytest.approx(5 / 3)
+    # sample radii (k=1): 0.1, 0.1, 8.8
+    assert g["r_fake"] == pytest.approx(0.1, abs=1e-5)
