@@ -9,6 +9,9 @@ teacher (step 0, the start of QAT; ``key=value`` are config overrides such as ``
 
 Columns: mean MSE(student eps, teacher eps) over the DDIM steps of each t range on the teacher's trajectory
 ("traj"), and on the training distribution (q_sample of real images, "train"; the TBS cache from t + T/steps).
+A second table splits the trajectory error per t range into its colour part (MSE of the per-image, per-channel
+means: what shifts a whole image's colour) and the gain <student eps, teacher eps> / |teacher eps|^2 (below 1: the
+student shrinks its eps, so the x0 prediction keeps noise, which clipping turns into saturated pixels).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=128, help="batch of images / x_T")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps of the trajectory")
     p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--traj-only", action="store_true", help="skip the training-distribution columns (faster)")
     p.add_argument("--out", default=None, help="JSON file for every row")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -70,7 +74,11 @@ def main(argv=None) -> int:
     for spec in args.students:
         model, cfg = build(spec, teacher_dir, teacher)
         traj = trajectory_eps_error(model, teacher, x_T, acp, steps=args.steps, eta=args.eta, clip_x0=True)
-        train = eps_error_by_timestep(model, teacher, x0, acp, t_train, cache_offset=1000 // args.steps)
+        train = (
+            []
+            if args.traj_only
+            else eps_error_by_timestep(model, teacher, x0, acp, t_train, cache_offset=1000 // args.steps)
+        )
         results[spec] = {"trajectory": traj, "train": train}
     edges = (0, 100, 300, 600, 1000)
     names = [f"{lo}-{hi}" for lo, hi in zip(edges[:-1], edges[1:])]
@@ -79,14 +87,36 @@ def main(argv=None) -> int:
     for spec, r in results.items():
         b = bucket_means(r["trajectory"], "student_vs_teacher", edges)
         traj_all = sum(x["student_vs_teacher"] for x in r["trajectory"]) / len(r["trajectory"])
-        train_all = sum(x["student_vs_teacher"] for x in r["train"]) / len(r["train"])
-        true_all = sum(x["student_vs_true"] for x in r["train"]) / len(r["train"])
+        train_all = sum(x["student_vs_teacher"] for x in r["train"]) / max(len(r["train"]), 1)
+        true_all = sum(x["student_vs_true"] for x in r["train"]) / max(len(r["train"]), 1)
         cells = " | ".join(f"{b[n]:.4f}" for n in names)
         print(f"| {spec} | {cells} | {traj_all:.4f} | {train_all:.4f} | {true_all:.4f} |")
-    floor = sum(x["teacher_vs_true"] for x in next(iter(results.values()))["train"]) / len(t_train)
-    print(f"teacher vs true eps (train distribution): {floor:.4f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    print(
+        "\n| student | "
+        + " | ".join(f"colour {n}" for n in names)
+        + " | "
+        + " | ".join(f"gain {n}" for n in names)
+        + " |"
+    )
+    print("|---" * (2 * len(names) + 1) + "|")
+    for spec, r in results.items():
+        colour = bucket_means(r["trajectory"], "colour_error", edges)
+        gain = bucket_means(r["trajectory"], "gain", edges)
+        cells = [f"{colour[n]:.2e}" for n in names] + [f"{gain[n]:.3f}" for n in names]
+        print(f"| {spec} | " + " | ".join(cells) + " |")
+    if not args.traj_only:
+        floor = sum(x["teacher_vs_true"] for x in next(iter(results.values()))["train"]) / len(t_train)
+        print(f"teacher vs true eps (train distribution): {floor:.4f}")
+    if args.out:  # students already in the file are kept unless measured again
+        out = Path(args.out)
+        old = json.loads(out.read_text()).get("students", {}) if out.exists() else {}
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import protocol
+
+        data = {"tool": "bench/diagnose.py", "command": "python bench/diagnose.py " + " ".join(argv or sys.argv[1:]),
+                **protocol.code_version(), "eta": args.eta, "n": args.n, "steps": args.steps,
+                "students": {**old, **results}}  # fmt: skip
+        out.write_text(json.dumps(data, indent=1))
     return 0
 
 

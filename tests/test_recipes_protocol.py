@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bidm.analysis import bucket_means, eps_error_by_timestep, trajectory_eps_error
+from bidm.analysis import bucket_means, colour_error, eps_error_by_timestep, eps_gain, trajectory_eps_error
 from bidm.config import load_config
 from bidm.data import load_dataset
 from bidm.diffusion import alphas_cumprod, make_betas
@@ -85,9 +85,23 @@ def test_eps_error_functions_on_known_answers():
         assert r["student_vs_true"] == pytest.approx((2 * s - 1) ** 2 * m, rel=1e-5)
     same = trajectory_eps_error(_Const(1.0), _Const(1.0), torch.randn(3, 1, 2, 2), acp, steps=10)
     assert len(same) == 10 and all(r["student_vs_teacher"] == 0 for r in same)
+    assert all(r["gain"] == pytest.approx(1.0) and r["colour_error"] == 0 for r in same)
+    half = trajectory_eps_error(_Const(0.5), _Const(1.0), torch.randn(3, 1, 2, 2), acp, steps=10)
+    assert all(r["gain"] == pytest.approx(0.5) for r in half)  # the student reproduces half the teacher's eps
     assert [r["t"] for r in same] == sorted((r["t"] for r in same), reverse=True)
     rows = [{"t": 5, "v": 1.0}, {"t": 50, "v": 3.0}, {"t": 500, "v": 7.0}]
     assert bucket_means(rows, "v", (0, 100, 1000)) == {"0-100": 2.0, "100-1000": 7.0}
+
+
+def test_colour_error_counts_only_the_mean_per_channel():
+    teacher = torch.zeros(2, 3, 4, 4)
+    zero_mean = torch.randn(2, 3, 4, 4)
+    zero_mean -= zero_mean.mean(dim=(-2, -1), keepdim=True)
+    assert colour_error(zero_mean, teacher) == pytest.approx(0.0, abs=1e-12)
+    shifted = torch.zeros(2, 3, 4, 4)
+    shifted[0, 1] += 0.5  # one image's green channel shifted by 0.5: 1 of 6 (image, channel) means is off
+    assert colour_error(shifted, teacher) == pytest.approx(0.25 / 6)
+    assert eps_gain(2 * shifted, shifted) == pytest.approx(2.0)
 
 
 def _bench_module(name):

@@ -24,6 +24,18 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).square().mean())
 
 
+def eps_gain(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """<student, teacher> / <teacher, teacher>: the share of the teacher's eps the student reproduces (1 = full
+    magnitude; below 1, the student shrinks its eps and the x0 prediction keeps part of the noise)."""
+    return float((student * teacher).sum() / teacher.square().sum().clamp_min(1e-30))
+
+
+def colour_error(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """MSE of the per-image, per-channel spatial means of the two eps: the part of the error that shifts each
+    image's colour as a whole."""
+    return _mse(student.mean(dim=(-2, -1)), teacher.mean(dim=(-2, -1)))
+
+
 @torch.no_grad()
 def eps_error_by_timestep(
     student: nn.Module,
@@ -74,7 +86,8 @@ def trajectory_eps_error(
     clip_x0: bool = False,
     seed: int = 0,
 ) -> list[dict]:
-    """Rows {"t", "student_vs_teacher", "teacher_eps_power"} per DDIM step, on the teacher's trajectory."""
+    """Rows {"t", "student_vs_teacher", "teacher_eps_power", "gain", "colour_error"} per DDIM step, on the
+    teacher's trajectory (`eps_gain`, `colour_error`)."""
     student.eval(), teacher.eval()
     s_denoise, t_denoise = as_denoiser(student), as_denoiser(teacher)
     g = torch.Generator().manual_seed(seed)
@@ -89,6 +102,8 @@ def trajectory_eps_error(
                 "t": int(t),
                 "student_vs_teacher": _mse(e_student, e_teacher),
                 "teacher_eps_power": float(e_teacher.square().mean()),
+                "gain": eps_gain(e_student, e_teacher),
+                "colour_error": colour_error(e_student, e_teacher),
             }
         )
         a_prev = acp[t_prev] if t_prev >= 0 else torch.ones(())
