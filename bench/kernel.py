@@ -158,8 +158,19 @@ def totals(rows: list[dict]) -> list[dict]:
 # Full denoising step
 
 
-def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int) -> list[dict]:
-    """One ``model(x, t)`` of the FP UNet vs the packed student, per batch size, with the packed profile."""
+def _bf16(fn):
+    """``fn`` under CPU autocast to bfloat16 (oneDNN runs its convs and matmuls on AMX/AVX-512-BF16 where present)."""
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
+def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int, bf16: bool = False) -> list[dict]:
+    """One ``model(x, t)`` of the FP UNet vs the packed student, per batch size, with the packed profile; with
+    ``bf16`` also the FP UNet under bfloat16 autocast, as a second reference (not the issue's FP32 baseline)."""
     try:
         from bidm.binarize import binarize_
         from bidm.export import pack_
@@ -180,6 +191,12 @@ def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int) -> 
             fp = timeit(partial(fp_model, x, t), reps)
             pk = timeit(partial(student, x, t), reps)
             prof = profile_packed(student, x, t)
+            ref = None
+            if bf16:
+                fp16 = timeit(_bf16(partial(fp_model, x, t)), reps)
+                y32, y16 = fp_model(x, t), _bf16(partial(fp_model, x, t))().float()
+                ref = {"fp_bf16_ms": fp16[0] * 1e3, "fp_bf16_rel_err": float((y16 - y32).norm() / y32.norm()),
+                       "speedup_vs_bf16": fp16[0] / pk[0]}  # fmt: skip
         out.append(
             {
                 "method": method,
@@ -190,6 +207,7 @@ def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int) -> 
                 "packed_median_ms": pk[1] * 1e3,
                 "speedup": fp[0] / pk[0],
                 "profile_ms": prof,
+                **(ref or {}),
             }
         )
     return out
@@ -257,6 +275,10 @@ def main(argv=None) -> int:
         help="comma-separated methods of the full-step benchmark (default xnor,bidm; --quick xnor)",
     )
     parser.add_argument("--no-step", action="store_true", help="per-conv table only")
+    parser.add_argument("--no-conv", action="store_true", help="full step only")
+    parser.add_argument(
+        "--bf16-reference", action="store_true", help="also time the FP UNet under bfloat16 autocast (full step)"
+    )
     parser.add_argument("--no-mallopt", action="store_true", help="keep glibc's default large-block policy")
     parser.add_argument(
         "--out", default="bench/out/kernel.json", help="JSON file; its 'kernel' key is set (bench/results/kernel.json)"
@@ -273,7 +295,7 @@ def main(argv=None) -> int:
 
     nets = {"ddim-cifar10": UNetConfig(), "tiny": tiny_unet_config()}
     rows = []
-    for net, cfg in nets.items():
+    for net, cfg in nets.items() if not args.no_conv else ():
         shapes = conv_shapes(cfg)
         for b in (1, batch):
             for shape in shapes:
@@ -289,7 +311,8 @@ def main(argv=None) -> int:
     if not args.no_step:
         methods = (args.method or ("xnor" if args.quick else "xnor,bidm")).split(",")
         for method in methods:
-            steps += bench_steps(nets["ddim-cifar10"], method, [1] if args.quick else [1, batch], 2)
+            batches = [1] if args.quick else [1, batch]
+            steps += bench_steps(nets["ddim-cifar10"], method, batches, 2, bf16=args.bf16_reference)
         if steps:
             print("\nOne full denoising step `model(x, t)`, DDIM CIFAR-10 UNet (35.7 M params):\n")
             print(
@@ -301,6 +324,14 @@ def main(argv=None) -> int:
                     f"| {s['method']} | {s['batch']} | {s['fp_ms']:.0f} | {s['packed_ms']:.0f} "
                     f"| **{s['speedup']:.2f}x** | {prof} |"
                 )
+            if args.bf16_reference:
+                print("\nThe FP UNet under bfloat16 autocast, as a second reference:\n")
+                print(
+                    "| method | batch | FP bf16 ms | bf16 vs FP32 rel. err | packed vs bf16 |\n|---|---|---|---|---|"
+                )
+                for s in steps:
+                    print(f"| {s['method']} | {s['batch']} | {s['fp_bf16_ms']:.0f} | {s['fp_bf16_rel_err']:.2e} "
+                          f"| {s['speedup_vs_bf16']:.2f}x |")  # fmt: skip
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

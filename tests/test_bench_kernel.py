@@ -49,3 +49,11 @@ def test_gemm_micro_runs_every_shape(capsys):
     assert micro.main(["--threads", "1", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "MR" in out and out.count(" ms") == len(micro.SHAPES)
+
+
+def test_full_step_with_bf16_reference_on_the_tiny_unet():
+    kernel = _bench_module("kernel")
+    (row,) = kernel.bench_steps(kernel.tiny_unet_config(), "xnor", [1], 1, bf16=True)
+    assert row["fp_ms"] > 0 and row["packed_ms"] > 0 and row["fp_bf16_ms"] > 0
+    assert 0 < row["fp_bf16_rel_err"] < 0.1  # bfloat16 keeps ~3 significant digits
+    assert abs(row["speedup_vs_bf16"] - row["fp_bf16_ms"] / row["packed_ms"]) < 1e-9 * row["speedup_vs_bf16"]
