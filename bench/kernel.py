@@ -16,6 +16,9 @@ only with --quick), and a profile of where the packed step's time goes: ``sign``
 ``pack`` (bit-packing), ``popcount gemm`` (the kernel), ``postprocess`` (scales, K map, shortcut, ...), and the rest
 of the network (FP convs, GroupNorm, SiLU, attention matmuls).
 
+``--bf16-reference`` also times the FP UNet under bfloat16 autocast: on CPUs with AMX or AVX-512-BF16, oneDNN's
+bf16 convs are a second, faster dense baseline a user may pick instead of FP32 (the goals are against FP32).
+
 ``BIDM_FUSED=0`` runs the full step through the generic (unfused, NCHW) packed path, for an A/B of the fusion.
 glibc's malloc is tuned with ``mallopt`` to keep large freed blocks (see `tune_malloc`; ``--no-mallopt`` to skip).
 Timings are the minimum over repeats (the machine is shared; the minimum is the least disturbed run); the medians
