@@ -15,6 +15,8 @@ Every variant is the ``bidm`` method under configs/recipes/cpu_cifar16.yaml with
     bidm+bias BiDM keeping the teacher's FP bias in every binary layer (``binarize.options.bias=true``); the
               official binary mode drops it, so no binary layer can add a per-channel offset
     bidm+bias+kd  both improvement candidates together
+    bidm-ldm-shortcut  the shortcut scale of the paper / LDM code (|s|, init 0.3) instead of the CIFAR code's (s, 0)
+    bidm+res1 the shortcut scale starting at 1 (a unit FP residual around every binary conv, as BBCU's)
 
 Rows go to bench/results/ablation_cifar16.json (field ``variant``) and bench/RESULTS.md. Seeds: 3 for vanilla and
 bidm, 1 for the rest. Runs in parts with ``--variants`` / ``--seeds``; the full ``bidm`` variant's run directory
@@ -51,6 +53,9 @@ VARIANTS = {
     # so no binary layer can add a per-channel offset; every baseline but xnor keeps it)
     "bidm+bias": ["binarize.options.bias=true"],
     "bidm+bias+kd": ["binarize.options.bias=true", "binarize.output_kd=1.0"],
+    # the shortcut around every binary conv: the paper / LDM code's |s| from 0.3, and a unit residual as BBCU's
+    "bidm-ldm-shortcut": ["binarize.options.shortcut_scale_init=0.3", "binarize.options.shortcut_abs=true"],
+    "bidm+res1": ["binarize.options.shortcut_scale_init=1.0"],
 }  # fmt: skip
 THREE_SEEDS = ("vanilla", "bidm")
 RESULTS_FILE = P.RESULTS / "ablation_cifar16.json"
