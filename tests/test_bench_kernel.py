@@ -56,4 +56,5 @@ def test_full_step_with_bf16_reference_on_the_tiny_unet():
     (row,) = kernel.bench_steps(kernel.tiny_unet_config(), "xnor", [1], 1, bf16=True)
     assert row["fp_ms"] > 0 and row["packed_ms"] > 0 and row["fp_bf16_ms"] > 0
     assert 0 < row["fp_bf16_rel_err"] < 0.1  # bfloat16 keeps ~3 significant digits
+    assert row["packed_bf16_rel_err"] >= 0
     assert abs(row["speedup_vs_bf16"] - row["fp_bf16_ms"] / row["packed_ms"]) < 1e-9 * row["speedup_vs_bf16"]
