@@ -87,10 +87,11 @@ def main(argv=None) -> int:
     for spec, r in results.items():
         b = bucket_means(r["trajectory"], "student_vs_teacher", edges)
         traj_all = sum(x["student_vs_teacher"] for x in r["trajectory"]) / len(r["trajectory"])
-        train_all = sum(x["student_vs_teacher"] for x in r["train"]) / max(len(r["train"]), 1)
-        true_all = sum(x["student_vs_true"] for x in r["train"]) / max(len(r["train"]), 1)
+        n_train = len(r["train"])
+        train_all = f"{sum(x['student_vs_teacher'] for x in r['train']) / n_train:.4f}" if n_train else "–"
+        true_all = f"{sum(x['student_vs_true'] for x in r['train']) / n_train:.4f}" if n_train else "–"
         cells = " | ".join(f"{b[n]:.4f}" for n in names)
-        print(f"| {spec} | {cells} | {traj_all:.4f} | {train_all:.4f} | {true_all:.4f} |")
+        print(f"| {spec} | {cells} | {traj_all:.4f} | {train_all} | {true_all} |")
     print(
         "\n| student | "
         + " | ".join(f"colour {n}" for n in names)
