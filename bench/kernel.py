@@ -196,8 +196,9 @@ def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int, bf1
             prof = profile_packed(student, x, t)
             ref = None
             if bf16:
-                fp16 = timeit(_bf16(partial(fp_model, x, t)), reps)
-                y32, y16 = fp_model(x, t), _bf16(partial(fp_model, x, t))().float()
+                fp_bf16 = _bf16(partial(fp_model, x, t))
+                fp16 = timeit(fp_bf16, reps)
+                y32, y16 = fp_model(x, t), fp_bf16().float()
                 p32, p16 = student(x, t), _bf16(partial(student, x, t))().float()  # its FP parts in bf16
                 ref = {"fp_bf16_ms": fp16[0] * 1e3, "fp_bf16_rel_err": float((y16 - y32).norm() / y32.norm()),
                        "speedup_vs_bf16": fp16[0] / pk[0],

@@ -66,8 +66,11 @@ def repair(images: np.ndarray, name: str, target_chroma: float) -> np.ndarray:
     return images
 
 
-def geometry(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
-    """k-NN geometry of the samples against the real images (squared distances inside, distances out).
+def geometry(real: np.ndarray, fake: np.ndarray, k: int, r_real: np.ndarray | None = None) -> dict:
+    """Precision, recall and the k-NN geometry of the samples against the real images (squared distances inside,
+    distances out). ``r_real``: the reals' squared k-NN radii (`bidm.metrics.knn_radii`), if already computed.
+
+    ``precision`` / ``recall`` are `bidm.metrics.precision_recall`'s, from the same radii.
 
     ``coverage`` / ``density`` are Naeem et al. 2020's: coverage = share of real images whose own k-NN ball (among
     the reals) holds at least one sample, robust to outlier samples, which recall is not (one far-off sample has a
@@ -76,7 +79,7 @@ def geometry(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
     from bidm import metrics
 
     r_fake = metrics.knn_radii(fake, k)
-    r_real = metrics.knn_radii(real, k)
+    r_real = metrics.knn_radii(real, k) if r_real is None else r_real
     nearest = np.empty(len(real), np.float32)
     inside = np.zeros(len(fake), np.float64)  # per sample: how many real balls hold it
     for start in range(0, len(real), 512):
@@ -84,6 +87,8 @@ def geometry(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
         nearest[start : start + 512] = d.min(1)
         inside += (d <= r_real[start : start + 512, None]).sum(0)
     return {
+        "precision": float(metrics.manifold_coverage(real, r_real, fake).mean()),
+        "recall": float(metrics.manifold_coverage(fake, r_fake, real).mean()),
         "r_fake": float(np.median(np.sqrt(r_fake))),
         "r_fake_p90": float(np.percentile(np.sqrt(r_fake), 90)),
         "d_real": float(np.median(np.sqrt(np.maximum(nearest, 0)))),
@@ -133,6 +138,7 @@ def main(argv=None) -> int:
     )
     extractor = features.InceptionExtractor()
     ref = features.reference_features(ref_images, extractor, dataset=ref_name, split="train", progress=False)
+    r_real = metrics.knn_radii(ref["pool"], args.k)  # shared by every row
     sets = {run: load_samples_npz(Path(run) / "samples.npz") for run in args.runs}
     target = args.target_chroma if args.target_chroma is not None else chroma(sets[args.runs[0]])
     rows = []
@@ -145,9 +151,9 @@ def main(argv=None) -> int:
             fixed = repair(images, name, target)
             fake = cached_features(fixed, extractor, Path(args.cache))
             fid = metrics.frechet_distance(*metrics.feature_stats(fake["pool"]), ref["mu"], ref["sigma"])
-            prec, rec = metrics.precision_recall(ref["pool"], fake["pool"], k=args.k)
             row = {"run": run, "repair": name, "n": len(fixed), "chroma": chroma(fixed), "fid": fid,
-                   "precision": prec, "recall": rec, **geometry(ref["pool"], fake["pool"], args.k)}  # fmt: skip
+                   **geometry(ref["pool"], fake["pool"], args.k, r_real)}  # fmt: skip
+            prec, rec = row["precision"], row["recall"]
             rows.append(row)
             print(
                 f"| {run} | {name} | {row['chroma']:.3f} | {fid:.1f} | {100 * prec:.1f} | {100 * rec:.2f} | "

@@ -10,6 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import recall_probe  # noqa: E402
 
+from bidm import metrics  # noqa: E402
+
 
 def test_chroma_of_a_red_and_a_grey_pixel():
     img = np.array([[[[255, 0, 0], [128, 128, 128]]]], np.uint8)
@@ -46,6 +48,8 @@ def test_geometry_by_hand():
     real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]], np.float32)
     fake = np.array([[0.1], [0.2], [9.0]], np.float32)
     g = recall_probe.geometry(real, fake, k=1)
+    assert g["precision"] == 1.0  # every sample lies in some real ball (0.1, 0.2 in real 0's, 9.0 in real 10's)
+    assert recall_probe.geometry(real, fake, k=1, r_real=metrics.knn_radii(real, 1)) == g
     # nearest sample per real: 0.1, 0.8, 1.8, 2.8, 1.0; real radii (k=1): 1, 1, 1, 1, 7
     assert g["coverage"] == pytest.approx(3 / 5)  # reals 0, 1 and 10 hold a sample in their ball
     assert g["d_real"] == pytest.approx(1.0, abs=1e-5)
