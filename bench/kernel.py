@@ -22,7 +22,8 @@ bf16 convs are a second, faster dense baseline a user may pick instead of FP32 (
 ``BIDM_FUSED=0`` runs the full step through the generic (unfused, NCHW) packed path, for an A/B of the fusion.
 glibc's malloc is tuned with ``mallopt`` to keep large freed blocks (see `tune_malloc`; ``--no-mallopt`` to skip).
 Timings are the minimum over repeats (the machine is shared; the minimum is the least disturbed run); the medians
-and the 1-minute load average are in the JSON.
+and the 1-minute load average are in the JSON. The full step interleaves its FP32 and packed repeats (``--step-reps``,
+default 5), so both see the same machine state.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def timeit(fn, reps: int, min_time: float = 0.0) -> tuple[float, float]:
         if len(times) >= 20 * reps:
             break
     return min(times), statistics.median(times)
+
+
+def timeit_pair(fn_a, fn_b, reps: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``timeit`` of two callables with their repeats interleaved (a, b, a, b, ...), so that a slow spell of a shared
+    machine hits both alike: ((min, median) of a, (min, median) of b) in seconds."""
+    fn_a(), fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for fn, acc in zip((fn_a, fn_b), times):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return tuple((min(t), statistics.median(t)) for t in times)
 
 
 def conv_shapes(cfg: UNetConfig) -> list[dict]:
@@ -191,8 +205,7 @@ def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int, bf1
         x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution, generator=gen)
         t = torch.full((batch,), 500, dtype=torch.long)
         with torch.no_grad():
-            fp = timeit(partial(fp_model, x, t), reps)
-            pk = timeit(partial(student, x, t), reps)
+            fp, pk = timeit_pair(partial(fp_model, x, t), partial(student, x, t), reps)
             prof = profile_packed(student, x, t)
             ref = None
             if bf16:
@@ -285,6 +298,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--bf16-reference", action="store_true", help="also time the FP UNet under bfloat16 autocast (full step)"
     )
+    parser.add_argument("--step-reps", type=int, default=5, help="full-step repeats (FP32 and packed interleaved)")
     parser.add_argument("--no-mallopt", action="store_true", help="keep glibc's default large-block policy")
     parser.add_argument(
         "--out", default="bench/out/kernel.json", help="JSON file; its 'kernel' key is set (bench/results/kernel.json)"
@@ -318,7 +332,7 @@ def main(argv=None) -> int:
         methods = (args.method or ("xnor" if args.quick else "xnor,bidm")).split(",")
         for method in methods:
             batches = [1] if args.quick else [1, batch]
-            steps += bench_steps(nets["ddim-cifar10"], method, batches, 2, bf16=args.bf16_reference)
+            steps += bench_steps(nets["ddim-cifar10"], method, batches, args.step_reps, bf16=args.bf16_reference)
         if steps:
             print("\nOne full denoising step `model(x, t)`, DDIM CIFAR-10 UNet (35.7 M params):\n")
             print(

@@ -35,7 +35,8 @@ def _goal(ratio: float, target: float) -> str:
 
 
 def kernel_section(data: dict) -> str:
-    """bench/results/kernel.json (keys ``kernel`` from bench/kernel.py, ``trajectories`` from sample_speed.py)."""
+    """bench/results/kernel.json (keys ``kernel`` from bench/kernel.py, ``norms`` from norm_speed.py,
+    ``trajectories`` from sample_speed.py)."""
     import kernel as K
 
     out = []
@@ -62,6 +63,12 @@ def kernel_section(data: dict) -> str:
                 prof = ", ".join(f"{k} {v:.0f}" for k, v in r["profile_ms"].items())
                 out.append(f"| {r['method']} | {r['batch']} | {r['fp_ms']:.0f} | {r['packed_ms']:.0f} "
                            f"| {_goal(r['speedup'], goal)} (≥ {goal}x) | {prof} |")  # fmt: skip
+    norms = data.get("norms")
+    if norms:
+        import norm_speed
+
+        out.append(f"\nGroupNorm + SiLU (`bench/norm_speed.py`, {norms['net']}): {_meta(norms)}.\n")
+        out.append(norm_speed.norm_table(norms["rows"]))
     traj = data.get("trajectories")
     if traj:
         out.append(f"\nWhole DDIM trajectories (`bench/sample_speed.py`, {traj['net']}): {_meta(traj)}.\n")

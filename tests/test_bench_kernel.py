@@ -58,3 +58,21 @@ def test_full_step_with_bf16_reference_on_the_tiny_unet():
     assert 0 < row["fp_bf16_rel_err"] < 0.1  # bfloat16 keeps ~3 significant digits
     assert row["packed_bf16_rel_err"] >= 0
     assert abs(row["speedup_vs_bf16"] - row["fp_bf16_ms"] / row["packed_ms"]) < 1e-9 * row["speedup_vs_bf16"]
+
+
+def test_norm_speed_quick_writes_rows_that_render(tmp_path):
+    import pytest
+
+    from bidm.export import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    speed, render = _bench_module("norm_speed"), _bench_module("render_results")
+    out = tmp_path / "kernel.json"
+    assert speed.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    norms = json.loads(out.read_text())["norms"]
+    assert norms["net"] == "tiny" and {r["batch"] for r in norms["rows"]} == {1, 2}
+    assert all(r["fused_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in norms["rows"])
+    assert sum(r["count"] for r in norms["rows"] if r["batch"] == 1) > 5  # every GroupNorm of the forward
+    md = render.kernel_section(json.loads(out.read_text()))
+    assert "GroupNorm + SiLU" in md and "All GroupNorm + SiLU of one forward" in md

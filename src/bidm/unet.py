@@ -82,6 +82,15 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x))``. A norm that can apply the SiLU itself (``fuses_silu``: the packed runtime's
+    `bidm.export.norm.PackedGroupNorm`) is asked to, saving a pass over memory; otherwise the SiLU runs in place
+    when autograd is off."""
+    if getattr(norm, "fuses_silu", False):
+        return norm(x, silu=True)
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
 def _add_to_fresh(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``h + other``, written into ``h`` (a tensor the caller just made) when autograd is off and the sum keeps
     ``h``'s dtype (under autocast ``other`` may be wider): the same values either way."""
@@ -105,10 +114,9 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # Without autograd (sampling, the teacher, TBS cache passes) the SiLU and the adds run in place on tensors
         # this block just made: the same values, fewer passes over memory (bench/kernel.py's full step).
-        fresh = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=fresh))
+        h = self.conv1(norm_silu(self.norm1, x))
         h = _add_to_fresh(h, self.temb_proj(F.silu(temb))[:, :, None, None])
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=fresh)))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return _add_to_fresh(h, skip)
 
@@ -239,7 +247,7 @@ class DDIMUNet(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
     def feature_blocks(self) -> list[str]:
         """Module names whose outputs are the UNet's "blocks" (LDM's TimestepEmbedSequential), in execution order.

@@ -1,12 +1,12 @@
 """The binary conv2d / linear runtime: a compiled XNOR/AND-popcount kernel and its numpy reference twin.
 
-Build: ``bidm/csrc/bitgemm.c`` is plain C11 with no Python or torch headers. At first use it is compiled with the
-system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``$BIDM_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/bidm`` or ``~/.cache/bidm``; a temp dir when that is not writable) under a name hashed from the
-source, flags, compiler version and CPU, and loaded with ctypes. Flags: ``-O3 -shared -fPIC``, plus ``-fopenmp``
-(dropped if the compiler lacks OpenMP) and, on x86-64 CPUs that report them, ``-mavx2 -mpopcnt`` and
-``-mavx512f -mavx512vpopcntdq`` (the micro-kernel then counts 8 words per ``vpopcntq``; ``BIDM_CFLAGS=-mno-avx512f``
-keeps the AVX2 nibble-LUT kernel, ``-mno-avx2 -mno-avx512f`` the scalar one). Why not
+Build: ``bidm/csrc/bitgemm.c`` (and ``groupnorm.c``, see `bidm.export.norm`) is plain C11 with no Python or torch
+headers. At first use it is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
+``$BIDM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bidm`` or ``~/.cache/bidm``; a temp dir when that is not writable)
+under a name hashed from the sources, flags, compiler version and CPU, and loaded with ctypes. Flags: ``-O3 -shared
+-fPIC``, plus ``-fopenmp`` (dropped if the compiler lacks OpenMP) and, on x86-64 CPUs that report them, ``-mavx2
+-mpopcnt`` and ``-mavx512f -mavx512vpopcntdq`` (the micro-kernel then counts 8 words per ``vpopcntq``;
+``BIDM_CFLAGS=-mno-avx512f`` keeps the AVX2 nibble-LUT kernel, ``-mno-avx2 -mno-avx512f`` the scalar one). Why not
 ``torch.utils.cpp_extension``: it needs ninja and torch's C++ headers, takes ~1 min to compile and ties the
 artefact to the torch ABI; this build takes about a second and works with any torch.
 
@@ -40,7 +40,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from bidm.export import pack
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bitgemm.c"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = (CSRC / "bitgemm.c", CSRC / "groupnorm.c")  # built into one library
 ABI_VERSION = 3
 PANEL_WIDTH = 8  # NR of bitgemm.c: output channels per weight panel
 _MODES = {"pm1": 0, "01": 1}
@@ -92,10 +93,10 @@ def _compiler() -> str | None:
 
 
 def _compile(cc: str, flags: list[str], out: Path) -> str | None:
-    """Compile SOURCE to ``out`` atomically; returns an error message or None."""
+    """Compile SOURCES to ``out`` atomically; returns an error message or None."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    cmd = [cc, *flags, "-o", str(tmp), str(SOURCE)]
+    cmd = [cc, *flags, "-o", str(tmp), *map(str, SOURCES), "-lm"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as err:
@@ -127,7 +128,7 @@ def _build_and_load() -> ctypes.CDLL | None:
     errors = []
     for flags in (base + ["-fopenmp"], base):
         key = hashlib.sha256(
-            "\n".join([SOURCE.read_text(), " ".join(flags), cc, version, platform.machine()]).encode()
+            "\n".join([*(f.read_text() for f in SOURCES), " ".join(flags), cc, version, platform.machine()]).encode()
         ).hexdigest()[:16]
         for root in (cache_dir(), Path(tempfile.gettempdir()) / f"bidm-{os.getuid() if hasattr(os, 'getuid') else 0}"):
             path = root / f"bitgemm-{key}.so"
@@ -146,7 +147,7 @@ def _build_and_load() -> ctypes.CDLL | None:
                 continue
             info.update(path=str(path), compiler=cc, flags=" ".join(flags))
             return lib
-    info["reason"] = "compiling bidm/csrc/bitgemm.c failed: " + (errors[-1] if errors else "unknown error")
+    info["reason"] = "compiling bidm/csrc/{bitgemm,groupnorm}.c failed: " + (errors[-1] if errors else "unknown error")
     return None
 
 
@@ -169,6 +170,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bidm_conv2d.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64]
     lib.bidm_conv2d.argtypes += [cint, ptr, cint, ctypes.POINTER(_CEpilogue)]
     lib.bidm_conv2d.restype = cint
+    lib.bidm_group_norm_nhwc.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, cint, ptr, cint]
+    lib.bidm_group_norm_nhwc.restype = cint
 
 
 def library() -> ctypes.CDLL | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from bidm.binarize.core import BinaryConv2d, BinaryLayer, BinaryLinear
-from bidm.export import fused, int8_gemm, kernels, pack
+from bidm.export import fused, int8_gemm, kernels, norm, pack
 
 
 def off_cpu(a: torch.Tensor) -> bool:
@@ -230,6 +230,8 @@ def pack_(model: torch.nn.Module) -> torch.nn.Module:
     When some layer takes a fused forward (it writes channels last), the FP ``nn.Conv2d`` layers the model keeps
     (conv_in, 1x1 skips, ...) get a forward pre-hook that reads their input channels last, so the whole network runs
     in one layout: an element-wise op between an NCHW and a channels-last tensor is many times slower than either.
+    Its ``nn.GroupNorm`` layers become `bidm.export.norm.PackedGroupNorm` (the compiled channels-last GroupNorm, with
+    the SiLU after it fused where the UNet asks through `bidm.unet.norm_silu`).
     """
     for module in list(model.modules()):
         if isinstance(module, BinaryLayer) and not isinstance(module, PackedLayer):
@@ -239,4 +241,5 @@ def pack_(model: torch.nn.Module) -> torch.nn.Module:
             if type(m) is torch.nn.Conv2d and m.in_channels > 1 and not getattr(m, "_bidm_channels_last", False):
                 m.register_forward_pre_hook(_channels_last_input)
                 m._bidm_channels_last = True
+        norm.convert_norms_(model)
     return model

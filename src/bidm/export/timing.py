@@ -3,7 +3,8 @@ everything else (FP layers, norms, attention, ...). Used by ``bench/kernel.py``.
 
 Fused layers (`bidm.export.fused`) count their input pass (threshold + sign + pack + mean|x|) under ``pack``, the
 kernel with its epilogue (alpha, K map, bias, shortcut add) under ``popcount gemm``, and the shortcut's pool / FP
-1x1 conv under ``shortcut (FP)``; generic layers count ``sign`` (quantize_input) and ``postprocess`` separately."""
+1x1 conv under ``shortcut (FP)``; generic layers count ``sign`` (quantize_input) and ``postprocess`` separately.
+The GroupNorms of `bidm.export.norm` (with the SiLU they fuse) count under ``groupnorm (+SiLU)``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from bidm.export import fused, kernels
+from bidm.export import fused, kernels, norm
 from bidm.export.packed_layers import is_packed
 
 
@@ -35,12 +36,14 @@ def _instrumented(model: nn.Module, acc: dict):
     patched_fns = {"pack_activation": "pack", "pack_input": "pack", "binary_conv2d": "popcount gemm"}
     saved = {name: getattr(kernels, name) for name in patched_fns}
     saved_fused = {name: getattr(fused, name) for name in ("shortcut",)}
+    saved_norm = norm.group_norm
     layers = [m for m in model.modules() if is_packed(m)]
     try:
         for name, bucket in patched_fns.items():
             setattr(kernels, name, _timed(saved[name], bucket, acc))
         for name, fn in saved_fused.items():
             setattr(fused, name, _timed(fn, "shortcut (FP)", acc))
+        norm.group_norm = _timed(saved_norm, "groupnorm (+SiLU)", acc)
         for m in layers:
             m.quantize_input = _timed(type(m).quantize_input.__get__(m), "sign", acc)
             m.postprocess = _timed(type(m).postprocess.__get__(m), "postprocess", acc)
@@ -50,6 +53,7 @@ def _instrumented(model: nn.Module, acc: dict):
             setattr(kernels, name, saved[name])
         for name, fn in saved_fused.items():
             setattr(fused, name, fn)
+        norm.group_norm = saved_norm
         for m in layers:
             del m.quantize_input, m.postprocess
 
