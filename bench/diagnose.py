@@ -12,6 +12,10 @@ Columns: mean MSE(student eps, teacher eps) over the DDIM steps of each t range 
 A second table splits the trajectory error per t range into its colour part (MSE of the per-image, per-channel
 means: what shifts a whole image's colour) and the gain <student eps, teacher eps> / |teacher eps|^2 (below 1: the
 student shrinks its eps, so the x0 prediction keeps noise, which clipping turns into saturated pixels).
+``--blocks`` adds a third table: each UNet block's output MSE against the teacher's on the same trajectory
+(`bidm.observe.feature_distances`), for t < 100 and over all steps, per student (the first student's value, then
+every other student's as a ratio to it): where in the network one student's features drift from the teacher's
+more than another's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from bidm.config import from_dict
 from bidm.data import load_training_images
 from bidm.diffusion import initial_noise
 from bidm.models import load_model, load_teacher, student_from_teacher
+from bidm.observe import feature_distances
 from bidm.pipeline import student_config
 from bidm.train import schedule
 
@@ -51,6 +56,27 @@ def build(spec: str, teacher_dir: Path, teacher):
     return student_from_teacher(teacher, cfg).eval(), cfg
 
 
+def block_table(results: dict) -> str:
+    """Per block: the first student's feature MSE at t < 100 and over all steps, the others' as ratios to it."""
+    specs = list(results)
+    first = results[specs[0]]["blocks"]
+
+    def means(rows: dict) -> tuple[float, float]:
+        small = [v for t, v in zip(rows["t"], rows["l2"]) if t < 100]
+        return sum(small) / max(len(small), 1), sum(rows["l2"]) / len(rows["l2"])
+
+    head = f"| block | {specs[0]} t<100 | all |" + "".join(f" {s} / first, t<100 | all |" for s in specs[1:])
+    lines = ["\n" + head, "|---" * (3 + 2 * (len(specs) - 1)) + "|"]
+    for block in first:
+        small0, all0 = means(first[block])
+        cells = [f"{small0:.4g}", f"{all0:.4g}"]
+        for spec in specs[1:]:
+            small, every = means(results[spec]["blocks"][block])
+            cells += [f"{small / small0:.2f}" if small0 else "–", f"{every / all0:.2f}" if all0 else "–"]
+        lines.append(f"| {block} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("students", nargs="+")
@@ -59,9 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="DDIM steps of the trajectory")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--traj-only", action="store_true", help="skip the training-distribution columns (faster)")
+    p.add_argument("--blocks", action="store_true", help="also the per-block feature error table")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file for every row")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     teacher_dir = Path(args.teacher)
     teacher_cfg = from_dict(checkpoint.load(teacher_dir).config)
     teacher, _ = load_teacher(teacher_dir, teacher_cfg.model)
@@ -80,6 +108,9 @@ def main(argv=None) -> int:
             else eps_error_by_timestep(model, teacher, x0, acp, t_train, cache_offset=1000 // args.steps)
         )
         results[spec] = {"trajectory": traj, "train": train}
+        if args.blocks:
+            fd = feature_distances(model, teacher, x_T, acp, steps=args.steps, eta=args.eta, clip_x0=True)
+            results[spec]["blocks"] = {b: {"t": fd["t"], "l2": fd["l2"][b]} for b in fd["blocks"]}
     edges = (0, 100, 300, 600, 1000)
     names = [f"{lo}-{hi}" for lo, hi in zip(edges[:-1], edges[1:])]
     print("| student | " + " | ".join(f"traj {n}" for n in names) + " | traj all | train all | train vs true |")
@@ -105,6 +136,8 @@ def main(argv=None) -> int:
         gain = bucket_means(r["trajectory"], "gain", edges)
         cells = [f"{colour[n]:.2e}" for n in names] + [f"{gain[n]:.3f}" for n in names]
         print(f"| {spec} | " + " | ".join(cells) + " |")
+    if args.blocks:
+        print(block_table(results))
     if not args.traj_only:
         floor = sum(x["teacher_vs_true"] for x in next(iter(results.values()))["train"]) / len(t_train)
         print(f"teacher vs true eps (train distribution): {floor:.4f}")
