@@ -56,6 +56,10 @@ VARIANTS = {
     # the shortcut around every binary conv: the paper / LDM code's |s| from 0.3, and a unit residual as BBCU's
     "bidm-ldm-shortcut": ["binarize.options.shortcut_scale_init=0.3", "binarize.options.shortcut_abs=true"],
     "bidm+res1": ["binarize.options.shortcut_scale_init=1.0"],
+    # the SPD : L_simple balance. The recipe's L_simple is an element mean; the official CIFAR code sums it over the
+    # 3*16*16 = 768 pixels with the same lambda 1e-2, which is lambda 1e-2 / 768 = 1.3e-5 against an element mean.
+    "bidm-spd-cifar-balance": ["binarize.spd_lambda=1.3e-5"],
+    "bidm-spd1e-3": ["binarize.spd_lambda=1e-3"],
 }  # fmt: skip
 THREE_SEEDS = ("vanilla", "bidm")
 RESULTS_FILE = P.RESULTS / "ablation_cifar16.json"
