@@ -8,7 +8,9 @@ same forward is three steps, each one pass over its tensor:
     s           = shortcut(x)                           # the FP part: identity, a pool or a 1x1 conv
     y           = binary_conv2d(words, W, Epilogue(alpha, k (*) mean, bias, |s|·s))   # written once, channels last
 
-The kernel computes the K map (the 1-channel conv k (*) mean_c|x|) per output tile from ``mean``.
+The kernel computes the K map (the 1-channel conv k (*) mean_c|x|) per output tile from ``mean``. On a channels-last
+float32 input with the C backend the two kernel calls go through a `bidm.export.kernels.PreparedConv` built once per
+layer (and rebuilt when a constant or the weight changes), which skips the per-call argument handling.
 
 | method (conv) | threshold b | K map | shortcut |
 |---|---|---|---|
@@ -85,11 +87,19 @@ def constants(layer: nn.Module, shift: str | None, with_shortcut: bool) -> dict:
 
 def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool) -> torch.Tensor:
     c = constants(layer, shift, with_shortcut)
+    weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
+    if kernels.backend() == "c" and x.dtype == torch.float32 and kernels.is_channels_last(x):
+        plan = c.get("plan")
+        if plan is None or plan.weight is not weight:
+            plan = c["plan"] = kernels.PreparedConv(weight, stride, padding, layer.a_code, c["alpha"], c["bias"],
+                                                    c["shift"], c["k_weight"], c["k_bias"], c["scale"])  # fmt: skip
+        words, mean = plan.pack(x)
+        res = shortcut(layer, x, plan.output_size(*x.shape[2:])) if with_shortcut else None
+        return plan.gemm(words, mean, res)
     words, mean = kernels.pack_input(x, c["shift"], layer.a_code, absmean=True)
     out_hw = kernels.conv_output_size(*x.shape[2:], layer.kernel_size, layer.stride, layer.packed_padding)
     res = shortcut(layer, x, out_hw) if with_shortcut else None
     epi = kernels.Epilogue(c["alpha"], None, c["bias"], res, c["scale"], mean, c["k_weight"], c["k_bias"])
-    weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
     return kernels.binary_conv2d(words, weight, stride, padding, layer.a_code, epilogue=epi, channels_last=True)
 
 

@@ -37,6 +37,8 @@ def _instrumented(model: nn.Module, acc: dict):
     saved = {name: getattr(kernels, name) for name in patched_fns}
     saved_fused = {name: getattr(fused, name) for name in ("shortcut",)}
     saved_norm = norm.group_norm
+    prepared = {"pack": "pack", "gemm": "popcount gemm"}  # the fused layers' prepared calls (PreparedConv)
+    saved_prepared = {name: getattr(kernels.PreparedConv, name) for name in prepared}
     layers = [m for m in model.modules() if is_packed(m)]
     try:
         for name, bucket in patched_fns.items():
@@ -44,6 +46,8 @@ def _instrumented(model: nn.Module, acc: dict):
         for name, fn in saved_fused.items():
             setattr(fused, name, _timed(fn, "shortcut (FP)", acc))
         norm.group_norm = _timed(saved_norm, "groupnorm (+SiLU)", acc)
+        for name, bucket in prepared.items():
+            setattr(kernels.PreparedConv, name, _timed(saved_prepared[name], bucket, acc))
         for m in layers:
             m.quantize_input = _timed(type(m).quantize_input.__get__(m), "sign", acc)
             m.postprocess = _timed(type(m).postprocess.__get__(m), "postprocess", acc)
@@ -54,6 +58,8 @@ def _instrumented(model: nn.Module, acc: dict):
         for name, fn in saved_fused.items():
             setattr(fused, name, fn)
         norm.group_norm = saved_norm
+        for name, fn in saved_prepared.items():
+            setattr(kernels.PreparedConv, name, fn)
         for m in layers:
             del m.quantize_input, m.postprocess
 
