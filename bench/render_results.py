@@ -69,6 +69,15 @@ def kernel_section(data: dict) -> str:
 
         out.append(f"\nGroupNorm + SiLU (`bench/norm_speed.py`, {norms['net']}): {_meta(norms)}.\n")
         out.append(norm_speed.norm_table(norms["rows"]))
+    for key, part in (data.get("ab") or {}).items():
+        switch, batch = key.split("@")
+        how = f"{part['net']}, {part['rounds']} rounds of {part['calls']} steps per side, interleaved in one process"
+        out.append(f"\nA/B of `{switch}` at batch {batch} (`bench/ab_step.py`, {how}): {_meta(part)}.\n")
+        out.append(f"| method | {switch}=1 ms (min / median) | =0 ms | speed-up (min / median) | max abs diff |")
+        out.append("|---|---|---|---|---|")
+        out += [f"| {r['method']} | {r['on_min_ms']:.1f} / {r['on_median_ms']:.1f} | {r['off_min_ms']:.1f} / "
+                f"{r['off_median_ms']:.1f} | {r['speedup_min']:.2f}x / {r['speedup_median']:.2f}x "
+                f"| {r['max_abs_diff']:.1e} |" for r in part["rows"]]  # fmt: skip
     traj = data.get("trajectories")
     if traj:
         out.append(f"\nWhole DDIM trajectories (`bench/sample_speed.py`, {traj['net']}): {_meta(traj)}.\n")

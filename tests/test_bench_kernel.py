@@ -76,3 +76,18 @@ def test_norm_speed_quick_writes_rows_that_render(tmp_path):
     assert sum(r["count"] for r in norms["rows"] if r["batch"] == 1) > 5  # every GroupNorm of the forward
     md = render.kernel_section(json.loads(out.read_text()))
     assert "GroupNorm + SiLU" in md and "All GroupNorm + SiLU of one forward" in md
+
+
+def test_ab_step_toggles_a_switch_in_one_process(tmp_path, monkeypatch):
+    import os
+
+    ab = _bench_module("ab_step")
+    monkeypatch.setenv("BIDM_PREPARED", "1")
+    out = tmp_path / "ab.json"
+    argv = ["--switch", "BIDM_PREPARED", "--quick", "--methods", "bidm", "--rounds", "2", "--calls", "1",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert ab.main(argv) == 0
+    assert os.environ["BIDM_PREPARED"] == "1"  # restored
+    (row,) = json.loads(out.read_text())["ab"]["BIDM_PREPARED@1"]["rows"]
+    assert row["n_per_side"] == 2 and row["on_min_ms"] > 0 and row["off_min_ms"] > 0
+    assert row["max_abs_diff"] == 0.0  # the prepared and the general calls run the same C code on the same data

@@ -10,7 +10,8 @@ same forward is three steps, each one pass over its tensor:
 
 The kernel computes the K map (the 1-channel conv k (*) mean_c|x|) per output tile from ``mean``. On a channels-last
 float32 input with the C backend the two kernel calls go through a `bidm.export.kernels.PreparedConv` built once per
-layer (and rebuilt when a constant or the weight changes), which skips the per-call argument handling.
+layer (and rebuilt when a constant or the weight changes), which skips the per-call argument handling
+(``BIDM_PREPARED=0``: the general calls, for an A/B).
 
 | method (conv) | threshold b | K map | shortcut |
 |---|---|---|---|
@@ -38,11 +39,15 @@ from bidm.binarize.xnor import XnorConv2d
 from bidm.export import kernels
 
 
-def enabled() -> bool:
-    value = os.environ.get("BIDM_FUSED", "1")
+def _switch(name: str) -> bool:
+    value = os.environ.get(name, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"BIDM_FUSED={value!r}; expected 0 or 1")
+        raise ValueError(f"{name}={value!r}; expected 0 or 1")
     return value == "1"
+
+
+def enabled() -> bool:
+    return _switch("BIDM_FUSED")
 
 
 def k_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,7 +93,12 @@ def constants(layer: nn.Module, shift: str | None, with_shortcut: bool) -> dict:
 def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool) -> torch.Tensor:
     c = constants(layer, shift, with_shortcut)
     weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
-    if kernels.backend() == "c" and x.dtype == torch.float32 and kernels.is_channels_last(x):
+    if (
+        kernels.backend() == "c"
+        and x.dtype == torch.float32
+        and kernels.is_channels_last(x)
+        and _switch("BIDM_PREPARED")
+    ):
         plan = c.get("plan")
         if plan is None or plan.weight is not weight:
             plan = c["plan"] = kernels.PreparedConv(weight, stride, padding, layer.a_code, c["alpha"], c["bias"],
