@@ -91,3 +91,21 @@ def test_ab_step_toggles_a_switch_in_one_process(tmp_path, monkeypatch):
     (row,) = json.loads(out.read_text())["ab"]["BIDM_PREPARED@1"]["rows"]
     assert row["n_per_side"] == 2 and row["on_min_ms"] > 0 and row["off_min_ms"] > 0
     assert row["max_abs_diff"] == 0.0  # the prepared and the general calls run the same C code on the same data
+
+
+def test_packed_parity_on_a_tiny_student(tmp_path, capsys):
+    from tiny import TINY
+
+    from bidm import checkpoint
+    from bidm.config import from_dict, load_config, to_dict
+    from bidm.models import build_model
+
+    cfg = from_dict(to_dict(load_config(None, TINY + ["binarize.method=bidm", "binarize.tbs_blocks=2"])))
+    state = build_model(cfg).state_dict()
+    checkpoint.save(tmp_path / "run" / checkpoint.CKPT_NAME, model=state, ema=state, config=to_dict(cfg), step=1)
+    parity = _bench_module("packed_parity")
+    rows = parity.parity(str(tmp_path / "run"), 2, [999, 10])
+    assert [r["t"] for r in rows] == [999, 10]
+    assert all(r["generic"] == 0.0 and r["fused"] < 1e-4 for r in rows)
+    assert parity.main([str(tmp_path / "run"), "--n", "2", "--t", "5"]) == 0
+    assert "| 5 |" in capsys.readouterr().out
