@@ -61,6 +61,7 @@ VARIANTS = {
     "bidm-spd-cifar-balance": ["binarize.spd_lambda=1.3e-5"],
     "bidm-spd1e-3": ["binarize.spd_lambda=1e-3"],
     "bidm-spd3e-2": ["binarize.spd_lambda=3e-2"],  # the paper's CIFAR-10 value (App. A)
+    "bidm-spd3e-2+kd": ["binarize.spd_lambda=3e-2", "binarize.output_kd=1.0"],
 }  # fmt: skip
 THREE_SEEDS = ("vanilla", "bidm")
 RESULTS_FILE = P.RESULTS / "ablation_cifar16.json"
