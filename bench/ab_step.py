@@ -13,6 +13,7 @@ and their ratio, and checks that both sides give the same output (max abs differ
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -89,8 +90,6 @@ def main(argv=None) -> int:
               f"{r['speedup_median']:.2f}x | {r['max_abs_diff']:.1e} |")  # fmt: skip
     if args.out:
         path = Path(args.out)
-        import json
-
         data = json.loads(path.read_text()) if path.is_file() else {}
         entry = {**K.code_version(), "machine": K.machine(), "threads": args.threads, "malloc_tuned": mallopt,
                  "loadavg_1min": os.getloadavg()[0], "net": "tiny" if args.quick else "ddim-cifar10",

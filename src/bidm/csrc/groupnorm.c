@@ -3,7 +3,7 @@
  * Built into the same library as bitgemm.c (bidm/export/kernels.py). The packed model runs channels last
  * ([B, H, W, C] memory) so that its binary layers pack their input without a transpose; torch's channels-last
  * GroupNorm is slower than its NCHW one on several UNet shapes, and SiLU is one more pass over the tensor
- * (`bench/kernel.py` times all three). Here one sample costs two reads and one write:
+ * (`bench/norm_speed.py` times all three). Here one sample costs two reads and one write:
  *
  *   pass 1: sum_c = sum_p x[p, c], sq_c = sum_p x[p, c]^2       (per channel; float within 32-pixel blocks, double
  *                                                                 across them)
@@ -13,13 +13,12 @@
  *
  * exp is a Cephes-style single-precision polynomial (range reduction by ln 2, degree-6 polynomial, 2^n built from
  * the exponent bits) in AVX-512 / AVX2 intrinsics where compiled in (scalar otherwise); its error is a few ulp, so y
- * differs from torch's GroupNorm + SiLU by float rounding only. Samples are split across threads; with fewer samples than threads each
- * sample's pixels are cut into chunks whose partial sums are reduced before pass 2.
+ * differs from torch's GroupNorm + SiLU by float rounding only. Samples are split across threads; with fewer samples
+ * than threads each sample's pixels are cut into chunks whose partial sums are reduced before pass 2.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -189,6 +188,14 @@ static void normalize_rows(const float *x, int64_t P, int64_t C, const float *sc
     }
 }
 
+/* Task ``task`` of the split path: sample b, pixels [p0, p0 + np). */
+static inline void chunk_of(int64_t task, int64_t split, int64_t chunk, int64_t HW, int64_t *b, int64_t *p0,
+                            int64_t *np) {
+    *b = task / split;
+    *p0 = (task % split) * chunk;
+    *np = *p0 >= HW ? 0 : (HW - *p0 < chunk ? HW - *p0 : chunk);
+}
+
 /* x, y: [B, HW, C] float32 (y may alias x); gamma, beta: [C] or NULL. Returns 0, or -1 when C % G != 0 or an
  * allocation fails (y untouched). */
 int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64_t G, const float *gamma,
@@ -206,7 +213,6 @@ int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64
         free(affine);
         return -1;
     }
-    (void)nthreads;
     if (split == 1) { /* one task per sample: pass 2 finds the sample in cache */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (B * HW * C > 65536)
         for (int64_t b = 0; b < B; b++) {
@@ -219,8 +225,8 @@ int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64
     } else {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t task = 0; task < B * split; task++) {
-            const int64_t b = task / split, p0 = (task % split) * chunk;
-            const int64_t np = p0 >= HW ? 0 : (HW - p0 < chunk ? HW - p0 : chunk);
+            int64_t b, p0, np;
+            chunk_of(task, split, chunk, HW, &b, &p0, &np);
             double *s = sums + task * 2 * C;
             channel_sums(x + (b * HW + p0) * C, np, C, s, s + C);
         }
@@ -233,8 +239,8 @@ int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64
         }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t task = 0; task < B * split; task++) {
-            const int64_t b = task / split, p0 = (task % split) * chunk;
-            const int64_t np = p0 >= HW ? 0 : (HW - p0 < chunk ? HW - p0 : chunk);
+            int64_t b, p0, np;
+            chunk_of(task, split, chunk, HW, &b, &p0, &np);
             const float *a = affine + b * 2 * C;
             normalize_rows(x + (b * HW + p0) * C, np, C, a, a + C, silu, y + (b * HW + p0) * C);
         }

@@ -28,7 +28,6 @@ Linear layers and every other method take the generic path.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -39,15 +38,8 @@ from bidm.binarize.xnor import XnorConv2d
 from bidm.export import kernels
 
 
-def _switch(name: str) -> bool:
-    value = os.environ.get(name, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}; expected 0 or 1")
-    return value == "1"
-
-
 def enabled() -> bool:
-    return _switch("BIDM_FUSED")
+    return kernels.switch("BIDM_FUSED")
 
 
 def k_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,7 +89,7 @@ def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: b
         kernels.backend() == "c"
         and x.dtype == torch.float32
         and kernels.is_channels_last(x)
-        and _switch("BIDM_PREPARED")
+        and kernels.switch("BIDM_PREPARED")
     ):
         plan = c.get("plan")
         if plan is None or plan.weight is not weight:
@@ -107,7 +99,7 @@ def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: b
         res = shortcut(layer, x, plan.output_size(*x.shape[2:])) if with_shortcut else None
         return plan.gemm(words, mean, res)
     words, mean = kernels.pack_input(x, c["shift"], layer.a_code, absmean=True)
-    out_hw = kernels.conv_output_size(*x.shape[2:], layer.kernel_size, layer.stride, layer.packed_padding)
+    out_hw = kernels.conv_output_size(*x.shape[2:], layer.kernel_size, stride, padding)
     res = shortcut(layer, x, out_hw) if with_shortcut else None
     epi = kernels.Epilogue(c["alpha"], None, c["bias"], res, c["scale"], mean, c["k_weight"], c["k_bias"])
     return kernels.binary_conv2d(words, weight, stride, padding, layer.a_code, epilogue=epi, channels_last=True)

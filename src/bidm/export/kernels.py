@@ -220,6 +220,15 @@ def kernel_info() -> dict:
     return {"backend": name, **_state["info"]}
 
 
+def switch(name: str) -> bool:
+    """A runtime on/off switch from the environment (default on): ``BIDM_FUSED``, ``BIDM_FUSED_NORM``,
+    ``BIDM_PREPARED``; read at every call, so a process can flip one between calls (``bench/ab_step.py``)."""
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}; expected 0 or 1")
+    return value == "1"
+
+
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if t is None else t.data_ptr())
 
@@ -383,6 +392,14 @@ class _CEpilogue(ctypes.Structure):
     ]
 
 
+def _residual(res: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, bool]:
+    """The epilogue's residual as float32 NCHW or channels last (`_dense`), checked against the output ``shape``."""
+    res, nhwc = _dense(res)
+    if tuple(res.shape) != tuple(shape):
+        raise ValueError(f"epilogue residual has shape {tuple(res.shape)}, expected {tuple(shape)}")
+    return res, nhwc
+
+
 def _c_epilogue(epi: Epilogue | None, shape: tuple, in_hw: tuple, kernel: tuple, channels_last: bool):
     """The C struct and the float32 tensors it points to (kept alive by the caller)."""
     if epi is None:
@@ -401,9 +418,7 @@ def _c_epilogue(epi: Epilogue | None, shape: tuple, in_hw: tuple, kernel: tuple,
     kmean = vec(epi.kmean, b * in_hw[0] * in_hw[1]) if epi.kmap is None else None
     kweight = vec(epi.k_weight, kernel[0] * kernel[1]) if kmean is not None else None
     alpha, bias, kmap = vec(epi.alpha, cout), vec(epi.bias, cout), vec(epi.kmap, b * ho * wo)
-    res, res_nhwc = (None, False) if epi.res is None else _dense(epi.res)
-    if res is not None and tuple(res.shape) != tuple(shape):
-        raise ValueError(f"epilogue residual has shape {tuple(res.shape)}, expected {tuple(shape)}")
+    res, res_nhwc = (None, False) if epi.res is None else _residual(epi.res, shape)
     keep = [alpha, kmap, bias, res, kmean, kweight]
     c = _CEpilogue(*(t.data_ptr() if t is not None else None for t in keep), float(epi.res_scale), float(epi.k_bias),
                    int(res_nhwc), int(channels_last))  # fmt: skip
@@ -470,11 +485,11 @@ class PreparedConv:
     def __init__(self, weight: KernelWeight, stride, padding, code: str, alpha, bias, shift, k_weight, k_bias, scale):
         lib = library()
         self._pack_fn, self._conv_fn = lib.bidm_pack_input, lib.bidm_conv2d
-        self.weight, self.code, self.mode = weight, code, _MODES[code]
+        self.weight, self.mode = weight, _MODES[code]
         self._keep = [t for t in (alpha, bias, shift, k_weight) if t is not None]  # the pointers below stay valid
         self._shift = 0 if shift is None else shift.data_ptr()
         self._panel, self._tapsum = weight.get_panel(lib).data_ptr(), weight.tapsum.data_ptr()
-        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = weight.kernel_size, stride, padding
+        self.stride, self.padding = stride, padding
         self.wc = weight.words.shape[-1]
         kw_ptr = None if k_weight is None else k_weight.data_ptr()
         ptrs = [None if t is None else t.data_ptr() for t in (alpha, None, bias, None, None)] + [kw_ptr]
@@ -490,7 +505,7 @@ class PreparedConv:
         return words, mean
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        return (h + 2 * self.ph - self.kh) // self.sh + 1, (w + 2 * self.pw - self.kw) // self.sw + 1
+        return conv_output_size(h, w, self.weight.kernel_size, self.stride, self.padding)
 
     def gemm(self, words: torch.Tensor, mean: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
         """The popcount conv with the epilogue (alpha, K map of ``mean``, bias, ``scale * res``), channels last."""
@@ -501,15 +516,14 @@ class PreparedConv:
         epi = self._epi
         epi.kmean = mean.data_ptr()
         if res is not None:
-            res, nhwc = _dense(res)
-            if tuple(res.shape) != (b, cout, ho, wo):
-                raise ValueError(f"epilogue residual has shape {tuple(res.shape)}, expected {(b, cout, ho, wo)}")
+            res, nhwc = _residual(res, (b, cout, ho, wo))
             epi.res, epi.res_nhwc = res.data_ptr(), int(nhwc)
         else:
             epi.res = None
+        (kh, kw), (sh, sw), (ph, pw) = self.weight.kernel_size, self.stride, self.padding
         status = self._conv_fn(
-            words.data_ptr(), b, h, w, self.weight.cin, self._panel, self._tapsum, cout, self.kh, self.kw, self.sh,
-            self.sw, self.ph, self.pw, ho, wo, self.mode, y.data_ptr(), torch.get_num_threads(), ctypes.byref(epi),
+            words.data_ptr(), b, h, w, self.weight.cin, self._panel, self._tapsum, cout, kh, kw, sh, sw, ph, pw,
+            ho, wo, self.mode, y.data_ptr(), torch.get_num_threads(), ctypes.byref(epi),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"bidm_conv2d failed with status {status} (kernel taps > 64 or out of memory)")

@@ -10,8 +10,6 @@ autograd, another dtype or device, no compiled kernel, ``BIDM_FUSED_NORM=0``) ta
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,10 +18,7 @@ from bidm.export import kernels
 
 
 def enabled() -> bool:
-    value = os.environ.get("BIDM_FUSED_NORM", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"BIDM_FUSED_NORM={value!r}; expected 0 or 1")
-    return value == "1"
+    return kernels.switch("BIDM_FUSED_NORM")
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
