@@ -43,6 +43,7 @@ def relative_gap(run_a, run_b, w0):
     gap = sum(((a[k] - b[k]).double() ** 2).sum() for k in keys) ** 0.5
     moved = sum(((a[k] - w0[k]).double() ** 2).sum() for k in keys) ** 0.5
     assert moved > 0
+    print(f"relative gap {run_a.name} vs {run_b.name}: {float(gap / moved):.2e}")  # shown with pytest -s
     return float(gap / moved)
 
 
