@@ -121,10 +121,23 @@ def _check_random_geometries(seed: int, n: int) -> None:
         assert np.array_equal(y_c.numpy().astype(np.int64), y_ref), (b, cin, h, w, cout, k, s, p, code)
 
 
+@pytest.fixture(params=["pixel-major", "panel-major"])
+def sweep(request):
+    """Both loop orders of bidm_conv2d: every panel swept pixel-major (threshold 2^40 bytes) or panel-major (0)."""
+    if not HAVE_C:
+        yield request.param
+        return
+    lib = kernels.library()
+    old = lib.bidm_set_pixel_major_bytes(1 << 40 if request.param == "pixel-major" else 0)
+    yield request.param
+    lib.bidm_set_pixel_major_bytes(old)
+
+
 @pytest.mark.skipif(not HAVE_C, reason="no C compiler")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_compiled_kernel_equals_reference_twin_on_random_geometries(threads):
-    """Random shapes (incl. tiles crossing images and partial output panels), both codes, 1 and 2 threads."""
+def test_compiled_kernel_equals_reference_twin_on_random_geometries(threads, sweep):
+    """Random shapes (incl. tiles crossing images and partial output panels), both codes, 1 and 2 threads, both
+    loop orders."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -204,7 +217,7 @@ def test_fused_input_pass_equals_sign_then_pack_and_mean_abs(impl, channels_last
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_epilogue_equals_torch_after_the_dots(impl, channels_last):
+def test_epilogue_equals_torch_after_the_dots(impl, channels_last, sweep):
     """alpha, K map, bias and scaled residual applied while writing == the same torch ops on the exact dots."""
     gen = torch.Generator().manual_seed(6)
     for cin, cout, k, s, p, h in [(70, 13, 3, 1, 1, 7), (64, 20, 3, 2, 0, 9), (130, 9, 1, 1, 0, 5)]:

@@ -44,7 +44,7 @@
 #define BIDM_AVX512 0
 #endif
 
-#define BIDM_ABI_VERSION 3
+#define BIDM_ABI_VERSION 4
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes, one 8x64-bit AVX-512 lane) */
 #ifndef BIDM_MR
 #define BIDM_MR 2
@@ -53,6 +53,14 @@
  * run-to-run noise of each other (bench/gemm_micro.py). -DBIDM_MR=N (BIDM_CFLAGS) to try others. */
 #define MR BIDM_MR
 #define MC 64 /* pixels per task (im2col tile) */
+/* Weight panels of at most this many bytes are swept pixel-major (bidm_conv2d); 0 = always panel-major. A tuning
+ * knob (bidm_set_pixel_major_bytes; bench/gemm_micro.py --pixel-major A/Bs it in one process). */
+static int64_t pixel_major_bytes = 32768;
+int64_t bidm_set_pixel_major_bytes(int64_t n) { /* returns the previous value */
+    const int64_t old = pixel_major_bytes;
+    pixel_major_bytes = n;
+    return old;
+}
 
 int bidm_abi_version(void) { return BIDM_ABI_VERSION; }
 
@@ -472,10 +480,16 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
             /* 2. sweep the weight panels with the micro-kernel, 3. write the exact integer dots */
             int32_t base[MC + MR]; /* dot = base - 2 cnt (before padded-tap corrections) */
             for (int64_t i = 0; i < nm_pad; i++) base[i] = mode ? popa[i] : (int32_t)(T * Cin);
-            for (int64_t pb = 0; pb < npan; pb++) {
-                const uint64_t *P = panel + pb * KW * SPLIT * NR;
-                const int64_t nj = (Cout - pb * NR < NR) ? Cout - pb * NR : NR;
-                for (int64_t i0 = 0; i0 < nm_pad; i0 += MR) {
+            /* Loop order: panel-major (each panel's words stay in registers / L1 while the tile's pixels sweep it),
+             * or, when all panels fit in L1, pixel-major, so each output row (and residual row) is written (read)
+             * in one sequential run instead of NR floats per panel at a stride of Cout. */
+            const int pixel_major = npan * KW * SPLIT * NR * (int64_t)sizeof(uint64_t) <= pixel_major_bytes;
+            const int64_t n_outer = pixel_major ? nm_pad / MR : npan, n_inner = pixel_major ? npan : nm_pad / MR;
+            for (int64_t outer = 0; outer < n_outer; outer++)
+                for (int64_t inner = 0; inner < n_inner; inner++) {
+                    const int64_t pb = pixel_major ? inner : outer, i0 = (pixel_major ? outer : inner) * MR;
+                    const uint64_t *P = panel + pb * KW * SPLIT * NR;
+                    const int64_t nj = (Cout - pb * NR < NR) ? Cout - pb * NR : NR;
                     int32_t cnt[MR][NR];
                     if (mode)
                         micro_and(rows + i0 * KW * SPLIT, KW, P, cnt);
@@ -498,7 +512,6 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                     for (int64_t i = 0; i < MR && i0 + i < nm; i++)
                         write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v[i], kv[i0 + i], y);
                 }
-            }
         }
         free(raw);
         if (SPLIT == 2) free(split);

@@ -42,7 +42,7 @@ from bidm.export import pack
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC / "bitgemm.c", CSRC / "groupnorm.c")  # built into one library
-ABI_VERSION = 3
+ABI_VERSION = 4
 PANEL_WIDTH = 8  # NR of bitgemm.c: output channels per weight panel
 _MODES = {"pm1": 0, "01": 1}
 
@@ -172,6 +172,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bidm_conv2d.restype = cint
     lib.bidm_group_norm_nhwc.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, cint, ptr, cint]
     lib.bidm_group_norm_nhwc.restype = cint
+    lib.bidm_set_pixel_major_bytes.argtypes = [i64]
+    lib.bidm_set_pixel_major_bytes.restype = i64
 
 
 def library() -> ctypes.CDLL | None:
