@@ -497,8 +497,19 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                         micro_xor(rows + i0 * KW * SPLIT, KW, P, cnt);
                     const int32_t *bs = base + i0;
                     int32_t v[MR][NR];
-                    for (int i = 0; i < MR; i++)
+                    for (int i = 0; i < MR; i++) {
+#if defined(__AVX2__)
+                        /* row by row in 8-lane vectors: each load matches the micro-kernel's 32-byte store of that
+                         * row, so it is store-forwarded (a 64-byte load across two rows stalls ~20 cycles) */
+                        if (NR == 8) {
+                            const __m256i c = _mm256_loadu_si256((const __m256i *)cnt[i]);
+                            _mm256_storeu_si256((__m256i *)v[i],
+                                                _mm256_sub_epi32(_mm256_set1_epi32(bs[i]), _mm256_slli_epi32(c, 1)));
+                            continue;
+                        }
+#endif
                         for (int j = 0; j < NR; j++) v[i][j] = bs[i] - 2 * cnt[i][j];
+                    }
                     uint64_t anypad = 0;
                     for (int i = 0; i < MR; i++) anypad |= padmask[i0 + i];
                     if (!mode && anypad) {
