@@ -144,3 +144,18 @@ def test_resblock_adds_in_place_only_without_autograd_and_at_the_same_dtype():
     h = torch.ones(2, 3, requires_grad=True)
     out = _add_to_fresh(h, other)
     assert out is not h and out.requires_grad
+
+
+def test_fp_unet_traces_into_one_graph_without_breaks():
+    """``torch.compile`` sees the whole FP UNet as one graph (no Python-side dtype checks breaking it), with and
+    without autograd."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    model = DDIMUNet(tiny_unet_config()).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 500])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            dynamo.reset()
+            report = dynamo.explain(model)(x, t)
+            assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons

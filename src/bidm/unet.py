@@ -93,7 +93,10 @@ def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _add_to_fresh(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``h + other``, written into ``h`` (a tensor the caller just made) when autograd is off and the sum keeps
-    ``h``'s dtype (under autocast ``other`` may be wider): the same values either way."""
+    ``h``'s dtype (under autocast ``other`` may be wider): the same values either way. Under ``torch.compile`` the
+    plain sum (Inductor fuses it; ``result_type`` would break the graph)."""
+    if torch.compiler.is_compiling():
+        return h + other
     if not torch.is_grad_enabled() and torch.result_type(h, other) == h.dtype:
         return h.add_(other)
     return h + other
