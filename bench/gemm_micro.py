@@ -3,6 +3,7 @@
     python bench/gemm_micro.py --threads 2
     BIDM_CFLAGS="-DBIDM_MR=4" python bench/gemm_micro.py        # another pixel block
     BIDM_CFLAGS="-mno-avx512f" python bench/gemm_micro.py       # the AVX2 nibble-LUT kernel on an AVX-512 CPU
+    BIDM_CFLAGS="-mno-avx512f -DBIDM_HARLEY_SEAL=1" python bench/gemm_micro.py   # AVX2 Harley-Seal instead
     python bench/gemm_micro.py --pixel-major 0,32768            # loop-order threshold A/B, interleaved in one process
 
 Each build variant is compiled into the kernel cache under its own name. Prints the minimum over ``--reps`` runs

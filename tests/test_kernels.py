@@ -149,10 +149,16 @@ def test_compiled_kernel_equals_reference_twin_on_random_geometries(threads, swe
 @pytest.mark.skipif(not HAVE_C, reason="no C compiler")
 @pytest.mark.parametrize(
     "cflags, isa",
-    [("-mno-avx512f", "avx2 or scalar"), ("-mno-avx2 -mno-avx512f", "scalar"), ("-DBIDM_MR=3", "native, odd MR")],
+    [
+        ("-mno-avx512f", "avx2 or scalar"),
+        ("-mno-avx2 -mno-avx512f", "scalar"),
+        ("-DBIDM_MR=3", "native, odd MR"),
+        ("-mno-avx512f -DBIDM_HARLEY_SEAL=1", "avx2 harley-seal"),
+    ],
 )
 def test_every_micro_kernel_variant_equals_the_reference_twin(monkeypatch, tmp_path, cflags, isa):
-    """The AVX-512 (vpopcntq), AVX2 (nibble LUT) and scalar micro-kernels, and an odd pixel block, count alike."""
+    """The AVX-512 (vpopcntq), AVX2 (nibble LUT, Harley-Seal) and scalar micro-kernels, and an odd pixel block,
+    count alike."""
     monkeypatch.setattr(kernels, "_state", {"lib": None, "tried": False, "info": {}, "warned": False})
     monkeypatch.setenv("BIDM_CFLAGS", cflags)
     monkeypatch.setenv("BIDM_CACHE_DIR", str(tmp_path))
@@ -164,6 +170,10 @@ def test_every_micro_kernel_variant_equals_the_reference_twin(monkeypatch, tmp_p
         assert not info["avx2"], info
     if "MR=3" in cflags:
         assert info["mr"] == 3, info
+    if "HARLEY" in cflags:
+        if not info["avx2"]:
+            pytest.skip("no AVX2 on this CPU")
+        assert info["popcount"] == "avx2-harley-seal", info
     _check_random_geometries(7, 6)
 
 

@@ -46,8 +46,17 @@
 
 #define BIDM_ABI_VERSION 4
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes, one 8x64-bit AVX-512 lane) */
+/* AVX2 without AVX-512 VPOPCNTDQ: the popcount is the nibble-LUT method (vpshufb on pre-split nibble words, the
+ * default) or, with -DBIDM_HARLEY_SEAL=1, Harley-Seal carry-save accumulation on whole words (one pixel per call:
+ * its 10 accumulator registers per pixel leave no room for two). bench/gemm_micro.py compares them. */
+#ifndef BIDM_HARLEY_SEAL
+#define BIDM_HARLEY_SEAL 0
+#endif
+#if BIDM_HARLEY_SEAL && !(defined(__AVX2__) && !BIDM_AVX512)
+#error "BIDM_HARLEY_SEAL is the AVX2 micro-kernel: build with -mavx2 and without AVX-512 VPOPCNTDQ"
+#endif
 #ifndef BIDM_MR
-#define BIDM_MR 2
+#define BIDM_MR (BIDM_HARLEY_SEAL ? 1 : 2)
 #endif
 /* pixels per micro-kernel call. AVX2: 2 beat 3 and 4 (4 spills accumulators). AVX-512: 2, 4 and 8 are within
  * run-to-run noise of each other (bench/gemm_micro.py). -DBIDM_MR=N (BIDM_CFLAGS) to try others. */
@@ -81,6 +90,19 @@ int bidm_has_avx2(void) {
 }
 
 int bidm_has_avx512(void) { return BIDM_AVX512; }
+
+/* 0 scalar, 1 AVX2 nibble LUT, 2 AVX2 Harley-Seal, 3 AVX-512 vpopcntq */
+int bidm_popcount_method(void) {
+#if BIDM_AVX512
+    return 3;
+#elif BIDM_HARLEY_SEAL
+    return 2;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 int bidm_mr(void) { return MR; }
 
@@ -198,7 +220,7 @@ void bidm_pack_nchw(const float *x, int64_t B, int64_t C, int64_t HW, int mode, 
  * channels past Cout zero). Tile rows: [MR-padded pixels, KW, SPLIT]. With AVX-512 VPOPCNTDQ or without AVX2
  * (SPLIT = 1) words stay whole. */
 
-#if defined(__AVX2__) && !BIDM_AVX512
+#if defined(__AVX2__) && !BIDM_AVX512 && !BIDM_HARLEY_SEAL
 #define SPLIT 2
 #else
 #define SPLIT 1
@@ -247,6 +269,67 @@ void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *pane
 
 DEFINE_MICRO_AVX512(micro_xor, _mm512_xor_si512)
 DEFINE_MICRO_AVX512(micro_and, _mm512_and_si512)
+
+#elif BIDM_HARLEY_SEAL
+/* Harley-Seal: per 64-bit lane (one output channel), x_k = OP(a_k, w_k) are summed bitwise by carry-save adders
+ * into ones / twos / fours; every 8 inputs the carry-out (eights) is popcounted (nibble LUT + vpsadbw) and added
+ * with weight 8. Inputs past the last full block of 8 go through the adders too; the end adds
+ * 4 popc(fours) + 2 popc(twos) + popc(ones). Channels 0-3 and 4-7 are two independent ymm chains. */
+#define CSA(carry, sum, a, b, c) /* carry:sum = a + b + c, bitwise */                                         \
+    do {                                                                                                         \
+        const __m256i u_ = _mm256_xor_si256(a, b);                                                               \
+        carry = _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(u_, c));                                \
+        sum = _mm256_xor_si256(u_, c);                                                                           \
+    } while (0)
+static inline __m256i popc_lanes(__m256i v) { /* per 64-bit lane */
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
+                                         2, 2, 3, 2, 3, 3, 4);
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib));
+    const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi64(v, 4), nib));
+    return _mm256_sad_epu8(_mm256_add_epi8(lo, hi), _mm256_setzero_si256());
+}
+#define DEFINE_MICRO_HS(NAME, OP)                                                                                \
+    static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
+        for (int i = 0; i < MR; i++) {                                                                           \
+            __m256i tot[2], ones[2], twos[2], fours[2];                                                          \
+            for (int h = 0; h < 2; h++) tot[h] = ones[h] = twos[h] = fours[h] = _mm256_setzero_si256();          \
+            const uint64_t *a = A + i * KW;                                                                      \
+            int64_t k = 0;                                                                                       \
+            for (; k + 8 <= KW; k += 8)                                                                          \
+                for (int h = 0; h < 2; h++) {                                                                    \
+                    __m256i x[8], twosA, twosB, foursA, foursB, eights;                                          \
+                    for (int q = 0; q < 8; q++)                                                                  \
+                        x[q] = OP(_mm256_set1_epi64x((long long)a[k + q]),                                       \
+                                  _mm256_loadu_si256((const __m256i *)(P + (k + q) * NR + 4 * h)));              \
+                    CSA(twosA, ones[h], ones[h], x[0], x[1]);                                                    \
+                    CSA(twosB, ones[h], ones[h], x[2], x[3]);                                                    \
+                    CSA(foursA, twos[h], twos[h], twosA, twosB);                                                 \
+                    CSA(twosA, ones[h], ones[h], x[4], x[5]);                                                    \
+                    CSA(twosB, ones[h], ones[h], x[6], x[7]);                                                    \
+                    CSA(foursB, twos[h], twos[h], twosA, twosB);                                                 \
+                    CSA(eights, fours[h], fours[h], foursA, foursB);                                             \
+                    tot[h] = _mm256_add_epi64(tot[h], _mm256_slli_epi64(popc_lanes(eights), 3));                 \
+                }                                                                                                \
+            for (; k < KW; k++) /* the tail: straight popcounts */                                               \
+                for (int h = 0; h < 2; h++)                                                                      \
+                    tot[h] = _mm256_add_epi64(                                                                   \
+                        tot[h], popc_lanes(OP(_mm256_set1_epi64x((long long)a[k]),                               \
+                                              _mm256_loadu_si256((const __m256i *)(P + k * NR + 4 * h)))));      \
+            for (int h = 0; h < 2; h++) {                                                                        \
+                tot[h] = _mm256_add_epi64(tot[h], _mm256_slli_epi64(popc_lanes(fours[h]), 2));                   \
+                tot[h] = _mm256_add_epi64(tot[h], _mm256_slli_epi64(popc_lanes(twos[h]), 1));                    \
+                tot[h] = _mm256_add_epi64(tot[h], popc_lanes(ones[h]));                                          \
+            }                                                                                                    \
+            const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);                                      \
+            const __m256i lo = _mm256_permutevar8x32_epi32(tot[0], even);                                        \
+            const __m256i hi = _mm256_permutevar8x32_epi32(tot[1], even);                                        \
+            _mm256_storeu_si256((__m256i *)cnt[i], _mm256_permute2x128_si256(lo, hi, 0x20));                     \
+        }                                                                                                        \
+    }
+
+DEFINE_MICRO_HS(micro_xor, _mm256_xor_si256)
+DEFINE_MICRO_HS(micro_and, _mm256_and_si256)
 
 #elif defined(__AVX2__)
 #define DEFINE_MICRO_AVX2(NAME, OP)                                                                              \

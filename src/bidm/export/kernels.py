@@ -188,6 +188,9 @@ def library() -> ctypes.CDLL | None:
                 avx2=bool(lib.bidm_has_avx2()),
                 avx512=bool(lib.bidm_has_avx512()),
                 mr=lib.bidm_mr(),
+                popcount=("scalar", "avx2-nibble-lut", "avx2-harley-seal", "avx512-vpopcntq")[
+                    lib.bidm_popcount_method()
+                ],
             )
         _state["lib"] = lib
     return _state["lib"]
@@ -216,8 +219,8 @@ def backend(requested: str | None = None) -> str:
 
 
 def kernel_info() -> dict:
-    """Which backend runs and how it was built (path, compiler, flags, openmp, avx2, avx512, micro-kernel rows mr),
-    or the reason it was not."""
+    """Which backend runs and how it was built (path, compiler, flags, openmp, avx2, avx512, micro-kernel rows mr,
+    popcount method), or the reason it was not."""
     name = backend()
     return {"backend": name, **_state["info"]}
 
