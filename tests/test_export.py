@@ -99,6 +99,34 @@ def test_fused_forward_equals_fake_binary_in_both_layouts(method, impl, monkeypa
         torch.testing.assert_close(generic, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler")
+@pytest.mark.parametrize("method", ["xnor", "bidm"])
+@pytest.mark.parametrize("threshold_in_forward", [True, False])
+def test_fused_linear_equals_generic_and_fake_binary(method, threshold_in_forward, monkeypatch):
+    """XNOR / BiDM linears run as prepared 1x1 convs: the same output as the generic packed path
+    (BIDM_PREPARED=0) and the fake-binary layer, with a nonzero threshold used only when BiDM's forward uses it."""
+    gen = torch.Generator().manual_seed(5)
+    layer = perturbed(binarize_(nn.Linear(70, 9), method), gen).eval()
+    if method == "bidm":
+        layer.threshold_in_forward = threshold_in_forward
+        with torch.no_grad():
+            layer.act_shift.copy_(torch.randn(70, generator=gen))
+    elif not threshold_in_forward:
+        pytest.skip("xnor has no threshold")
+    packed = convert_(copy.deepcopy(layer))
+    x = torch.randn(5, 70, generator=gen)
+    calls = []
+    monkeypatch.setattr(kernels.PreparedConv, "gemm", lambda self, *a, _g=kernels.PreparedConv.gemm: calls.append(1)
+                        or _g(self, *a))  # fmt: skip
+    with torch.no_grad():
+        expected, fused = layer(x), packed(x)
+        monkeypatch.setenv("BIDM_PREPARED", "0")
+        generic = packed(x)
+    assert calls == [1] and fused.shape == (5, 9)
+    torch.testing.assert_close(fused, generic, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_constants_follow_state_dict_changes_and_the_model_runs_channels_last():
     gen = torch.Generator().manual_seed(4)
     layer = perturbed(binarize_(nn.Conv2d(16, 16, 3, padding=1), "bidm"), gen).eval()
@@ -136,8 +164,15 @@ def test_packed_layer_survives_deepcopy_and_pickle():
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         y = layer(x)
+        layer(x.contiguous(memory_format=torch.channels_last))  # builds the prepared C calls (ctypes state)
         for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
             assert type(other).__name__ == "PackedBiDMConv2d" and torch.equal(other(x), y)
+    linear = convert_(binarize_(nn.Linear(10, 4), "xnor")).eval()
+    v = torch.randn(2, 10)
+    with torch.no_grad():
+        w = linear(v)
+        for other in (copy.deepcopy(linear), pickle.loads(pickle.dumps(linear))):
+            assert torch.equal(other(v), w)
 
 
 def test_unpackable_layer_is_refused_by_name():

@@ -23,7 +23,9 @@ ops that follow keep that layout, so the next binary layer packs its input per p
 makes the model's FP convs read channels last too, so no op mixes layouts). Values
 are the fake-binary layer's up to float rounding (the codes are exact; the reference twin, ``BIDM_KERNEL=ref``, is
 the same three steps in torch). ``BIDM_FUSED=0`` turns the fused forwards off (the generic packed path runs).
-Linear layers and every other method take the generic path.
+XNOR and BiDM linear layers (float32 ``[B, Cin]`` inputs, C backend, ``BIDM_PREPARED``) run as a 1x1 conv on a 1x1
+image through the same two prepared calls: ``y = dots . alpha . K + bias`` with K = mean_c|x| for XNOR (a 1x1 K
+conv of weight 1) and no K for BiDM. Every other method and input takes the generic path.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from bidm.binarize.bidm import BiDMConv2d
-from bidm.binarize.xnor import XnorConv2d
+from bidm.binarize.bidm import BiDMConv2d, BiDMLinear
+from bidm.binarize.xnor import XnorConv2d, XnorLinear
 from bidm.export import kernels
 
 
@@ -115,12 +117,49 @@ def bidm_conv(layer: BiDMConv2d, x: torch.Tensor) -> torch.Tensor:
     return _conv(layer, x, "act_shift", with_shortcut=True)
 
 
+_UNIT_K = torch.ones(1, 1, 1, 1)  # XNOR linear's K is mean_c|x| itself: a 1x1 "K conv" of weight 1, bias 0
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, with_k: bool) -> torch.Tensor:
+    """A linear layer as a 1x1 conv on a 1x1 image, through the prepared C calls (input [B, Cin] -> [B, Cout])."""
+    sources = (layer.weight_scale(), layer.bias, shift)
+    key = (with_k, *(None if t is None else (t.data_ptr(), t._version) for t in sources))
+    weight, cache = layer.kernel_weight(), layer.__dict__.get("_fused_constants")
+    if cache is None or cache["key"] != key or cache["plan"].weight is not weight:
+        alpha, bias, shift32 = (_as_f32(t) for t in sources)
+        plan = kernels.PreparedConv(weight, (1, 1), (0, 0), layer.a_code, alpha, bias, shift32,
+                                    _UNIT_K if with_k else None, 0.0, 1.0)  # fmt: skip
+        cache = layer.__dict__["_fused_constants"] = {"key": key, "plan": plan}
+    b, c = x.shape
+    words, mean = cache["plan"].pack(x.contiguous().view(b, c, 1, 1))
+    return cache["plan"].gemm(words, mean, None).reshape(b, -1)
+
+
+def xnor_linear(layer: XnorLinear, x: torch.Tensor) -> torch.Tensor:
+    """``(sign(x) . sign(W)) . mean_c|x| . alpha + bias``."""
+    return _linear(layer, x, None, with_k=True)
+
+
+def bidm_linear(layer: BiDMLinear, x: torch.Tensor) -> torch.Tensor:
+    """``(sign(x + b) . sign(W)) . alpha + bias`` (threshold ``b`` only with ``threshold_in_forward``)."""
+    return _linear(layer, x, layer.act_shift if layer.threshold_in_forward else None, with_k=False)
+
+
 FUSED: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {XnorConv2d: xnor_conv, BiDMConv2d: bidm_conv}
+FUSED_LINEAR: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    XnorLinear: xnor_linear,
+    BiDMLinear: bidm_linear,
+}
 
 
 def fused_forward(layer: nn.Module, x: torch.Tensor) -> Callable | None:
     """The fused forward of ``layer`` for input ``x``, or None (generic path)."""
-    fn = FUSED.get(getattr(layer, "fake_class", None))
-    if fn is None or x.device.type != "cpu" or x.dim() != 4 or not enabled():
+    cls = getattr(layer, "fake_class", None)
+    if x.device.type != "cpu" or not enabled():
         return None
-    return fn
+    if x.dim() == 4:
+        return FUSED.get(cls)
+    if x.dim() == 2 and cls in FUSED_LINEAR and x.dtype == torch.float32 and kernels.backend() == "c":
+        if kernels.switch("BIDM_PREPARED"):
+            return FUSED_LINEAR[cls]
+    return None

@@ -496,6 +496,7 @@ class PreparedConv:
         self._panel, self._tapsum = weight.get_panel(lib).data_ptr(), weight.tapsum.data_ptr()
         self.stride, self.padding = stride, padding
         self.wc = weight.words.shape[-1]
+        self._has_k = k_weight is not None  # no K conv (BiDM's linear layers): K = 1, mean_c|x| unused
         kw_ptr = None if k_weight is None else k_weight.data_ptr()
         ptrs = [None if t is None else t.data_ptr() for t in (alpha, None, bias, None, None)] + [kw_ptr]
         self._epi = _CEpilogue(*ptrs, float(scale), float(k_bias), 0, 1)
@@ -519,7 +520,7 @@ class PreparedConv:
         cout = self.weight.cout
         y = torch.empty(b, ho, wo, cout, dtype=torch.float32).permute(0, 3, 1, 2)
         epi = self._epi
-        epi.kmean = mean.data_ptr()
+        epi.kmean = mean.data_ptr() if self._has_k else None
         if res is not None:
             res, nhwc = _residual(res, (b, cout, ho, wo))
             epi.res, epi.res_nhwc = res.data_ptr(), int(nhwc)

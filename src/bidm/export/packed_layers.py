@@ -59,6 +59,13 @@ class PackedLayer:
                 ) from err
             raise
 
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy state without the fused forward's prepared C calls (ctypes pointers; rebuilt on the
+        next forward)."""
+        state = self.__dict__.copy()
+        state.pop("_fused_constants", None)
+        return state
+
     def quantize_weight(self) -> torch.Tensor:
         """The exact +-1 weight codes, unpacked from ``weight_bits`` (for inspection; not used by the forward)."""
         return self.unpacked_weight().to(self.weight_bits.device)
