@@ -1,7 +1,8 @@
 """Latent diffusion at CPU scale (issue 11): a first stage trained here, an LDM teacher on its latents, XNOR and BiDM
 students under one budget, samples decoded and scored with the Inception metrics against the images.
 
-Stages (each cached in its run directory, so the bench resumes after an interruption):
+Stages (each cached in its run directory, so the bench resumes after an interruption; the first stage also
+checkpoints every 250 steps):
     1. first stage: a KL autoencoder (diffusers AutoencoderKL, f = 2, 3 latent channels) trained on the CIFAR-10
        training images at 32x32 with L1 + 1e-6 KL (LDM's KL weight; no LPIPS/GAN at this scale); reconstruction
        PSNR on 1000 test images goes into every row;
@@ -84,6 +85,40 @@ def data_overrides(args) -> list[str]:
     return ["data.name=cifar10", f"data.path={args.data_path}", "data.size=32", "data.workers=0"]
 
 
+AE_CKPT_EVERY = 250
+
+
+def _save_ae_state(path: Path, ae, opt, g: torch.Generator, step: int) -> None:
+    """The AE, its Adam moments, both RNG states and the step, atomically (safetensors), for an exact resume."""
+    from safetensors.torch import save_file
+
+    from bidm.fileio import atomic_write
+
+    params = list(ae.parameters())
+    tensors = {f"ae.{k}": v.contiguous() for k, v in ae.state_dict().items()}
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).reshape(-1).clone()
+    tensors["rng.data"], tensors["rng.torch"] = g.get_state(), torch.get_rng_state()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"step": str(step)}))
+
+
+def _load_ae_state(path: Path, ae, opt, g: torch.Generator) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        step = int(f.metadata()["step"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    ae.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("ae.")})
+    for i, p in enumerate(ae.parameters()):
+        state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if state:
+            opt.state[p] = {k: (v.reshape(()) if k == "step" else v.reshape(p.shape)) for k, v in state.items()}
+    g.set_state(tensors["rng.data"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return step
+
+
 def train_first_stage(args, budget: dict, out: Path) -> tuple[Path, float]:
     """Train the KL autoencoder (cached); returns (its .safetensors, test PSNR in dB)."""
     from safetensors.torch import save_file
@@ -104,7 +139,13 @@ def train_first_stage(args, budget: dict, out: Path) -> tuple[Path, float]:
     opt = torch.optim.Adam(ae.parameters(), lr=4.5e-4 if not args.smoke else 1e-3, betas=(0.5, 0.9))  # LDM's AE
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    for step in range(budget["ae_steps"]):
+    partial = out / "first_stage.partial.safetensors"  # every AE_CKPT_EVERY steps: a kill loses at most that
+    start = _load_ae_state(partial, ae, opt, g) if partial.is_file() else 0
+    if start:
+        print(f"first stage: resumed at step {start}", flush=True)
+    for step in range(start, budget["ae_steps"]):
+        if step > start and step % AE_CKPT_EVERY == 0:
+            _save_ae_state(partial, ae, opt, g, step)
         x = train[torch.randint(0, len(train), (budget["ae_batch"],), generator=g)]
         post = ae.encode(x).latent_dist
         rec = ae.decode(post.sample(generator=None)).sample
@@ -123,6 +164,7 @@ def train_first_stage(args, budget: dict, out: Path) -> tuple[Path, float]:
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, tmp))
     atomic_write_text(stats, json.dumps({"psnr_db": psnr, "steps": budget["ae_steps"],
                                          "seconds": round(time.perf_counter() - t0)}) + "\n")  # fmt: skip
+    partial.unlink(missing_ok=True)
     print(f"first stage: test PSNR {psnr:.2f} dB", flush=True)
     return path, psnr
 

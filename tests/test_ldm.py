@@ -388,6 +388,43 @@ def test_ldm_quality_bench_smoke(tmp_path):
     assert saved["first_stage"]["scale_factor"] > 0  # scale_by_std resolved and recorded
 
 
+def test_ldm_quality_first_stage_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+    """The bench's AE stage checkpoints every AE_CKPT_EVERY steps; killed after one, it resumes to the bit-identical
+    autoencoder of an uninterrupted run (weights, Adam moments, both RNG streams restored)."""
+    import importlib.util
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("ldm_quality_resume", ROOT / "bench/ldm_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "AE_CKPT_EVERY", 2)
+    args = bench.parse_args(["--smoke", "--threads", "1"])
+    budget = {**bench.SMOKE, "ae_steps": 5}
+    bench.train_first_stage(args, budget, tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    save = bench._save_ae_state
+
+    def save_then_die(*a):
+        save(*a)
+        raise Killed
+
+    monkeypatch.setattr(bench, "_save_ae_state", save_then_die)
+    with pytest.raises(Killed):
+        bench.train_first_stage(args, budget, tmp_path / "b")
+    assert (tmp_path / "b/first_stage.partial.safetensors").is_file()
+    monkeypatch.setattr(bench, "_save_ae_state", save)
+    bench.train_first_stage(args, budget, tmp_path / "b")
+    assert not (tmp_path / "b/first_stage.partial.safetensors").exists()
+    a, b = (load_file(str(tmp_path / d / "first_stage.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_skip_convs_binary_follows_the_paper_size_rule():
     from bidm.binarize import BinaryLayer
     from bidm.models import build_model
