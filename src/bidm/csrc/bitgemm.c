@@ -503,6 +503,10 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
             const int64_t nm_pad = (nm + MR - 1) / MR * MR;
             /* 1. the tile's im2col rows (raw words), padded-tap masks, output addresses */
             const uint64_t *rows = raw;
+            /* pixel m0 + i = (b, oh, ow): one division per tile, then stepped; interior pixels (every tap in
+             * bounds) copy each kernel row's kw * Wc words in one run and sum the K map without bounds checks, in
+             * the same tap order as the border path (same floats) */
+            int64_t b = m0 / HWo, r = m0 % HWo, oh = r / Wo, ow = r % Wo;
             for (int64_t i = 0; i < nm_pad; i++) {
                 uint64_t *dst = raw + i * KW;
                 padmask[i] = 0;
@@ -510,16 +514,32 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                     memset(dst, 0, (size_t)KW * sizeof(uint64_t));
                     continue;
                 }
-                const int64_t m = m0 + i, b = m / HWo, r = m % HWo, oh = r / Wo, ow = r % Wo;
+                if (i > 0 && ++ow == Wo) {
+                    ow = 0;
+                    if (++oh == Ho) {
+                        oh = 0;
+                        ++b;
+                    }
+                }
+                r = oh * Wo + ow;
+                const int64_t m = m0 + i, ih0 = oh * sh - ph, iw0 = ow * sw - pw;
+                const int interior = ih0 >= 0 && ih0 + kh <= H && iw0 >= 0 && iw0 + kw <= W;
                 pix[i] = b * Cout * HWo + r;
                 if (e.kmean) {
                     float k = 0.0f;
-                    for (int64_t dy = 0; dy < kh; dy++) {
-                        const int64_t ih = oh * sh - ph + dy;
-                        if (ih < 0 || ih >= H) continue;
-                        for (int64_t dx = 0; dx < kw; dx++) {
-                            const int64_t iw = ow * sw - pw + dx;
-                            if (iw >= 0 && iw < W) k += e.kweight[dy * kw + dx] * e.kmean[(b * H + ih) * W + iw];
+                    if (interior) {
+                        for (int64_t dy = 0; dy < kh; dy++) {
+                            const float *km = e.kmean + (b * H + ih0 + dy) * W + iw0;
+                            for (int64_t dx = 0; dx < kw; dx++) k += e.kweight[dy * kw + dx] * km[dx];
+                        }
+                    } else {
+                        for (int64_t dy = 0; dy < kh; dy++) {
+                            const int64_t ih = ih0 + dy;
+                            if (ih < 0 || ih >= H) continue;
+                            for (int64_t dx = 0; dx < kw; dx++) {
+                                const int64_t iw = iw0 + dx;
+                                if (iw >= 0 && iw < W) k += e.kweight[dy * kw + dx] * e.kmean[(b * H + ih) * W + iw];
+                            }
                         }
                     }
                     kv[i] = k + e.kbias;
@@ -527,10 +547,18 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                     kv[i] = e.kmap ? e.kmap[m] : 1.0f;
                 }
                 if (direct) continue;
+                if (interior) {
+                    const int64_t run = kw * Wc;
+                    for (int64_t dy = 0; dy < kh; dy++) {
+                        const uint64_t *src = a + ((b * H + ih0 + dy) * W + iw0) * Wc;
+                        for (int64_t q = 0; q < run; q++) dst[dy * run + q] = src[q];
+                    }
+                    continue;
+                }
                 for (int64_t dy = 0; dy < kh; dy++) {
-                    const int64_t ih = oh * sh - ph + dy;
+                    const int64_t ih = ih0 + dy;
                     for (int64_t dx = 0; dx < kw; dx++) {
-                        const int64_t iw = ow * sw - pw + dx, t = dy * kw + dx;
+                        const int64_t iw = iw0 + dx, t = dy * kw + dx;
                         if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
                             memset(dst + t * Wc, 0, (size_t)Wc * sizeof(uint64_t));
                             padmask[i] |= (uint64_t)1 << t;
