@@ -55,7 +55,9 @@ PROTOCOL = {
     "clip_x0": False,  # latents are not in [-1, 1]
     "features": ["inception", "domain"],
 }
-FULL = dict(ae_steps=3000, ae_batch=64, teacher_steps=4000, student_steps=2000, batch=32, methods=("xnor", "bidm"))
+# ae_steps: 3000 took 3.3 s/step here (2.75 h; the issue asks for "a few minutes"); 1000 is ~55 min, and the
+# first stage's test PSNR goes into every row
+FULL = dict(ae_steps=1000, ae_batch=64, teacher_steps=4000, student_steps=2000, batch=32, methods=("xnor", "bidm"))
 SMOKE = dict(ae_steps=4, ae_batch=8, teacher_steps=3, student_steps=2, batch=8, methods=("xnor", "bidm"))
 FIRST_STAGE = ["first_stage.kind=kl", "first_stage.ch=64", "first_stage.ch_mult=[1, 2]",
                "first_stage.num_res_blocks=1", "first_stage.z_channels=3", "first_stage.embed_dim=3",
