@@ -76,9 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/out/quality_v2", help="run directories (shared with bench/quality.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--train-only", action="store_true", help="train the variants, score nothing")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the CPU)")
     args = p.parse_args(argv)
     version = P.code_version()  # the code this process runs
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     teacher_dir, teacher_cfg = P.run_teacher(args.data_path, args.teacher)
     n, n_ref, steps, eta = (P.PROTOCOL[k] for k in ("n_samples", "n_ref", "sample_steps", "eta"))
     for variant in args.variants.split(","):
