@@ -12,10 +12,11 @@ checkpoints every 200 steps):
        optimizer), same data order and x_T per seed;
     4. DDIM samples decoded by the first stage and scored (FID / sFID / precision / recall, Inception and domain
        spaces) against ``n_ref`` CIFAR-10 training images at 32x32.
-Rows (the quality bench's fields plus ``first_stage_psnr``) go to bench/results/ldm_cpu.json and are rendered
-into bench/RESULTS.md.
+The first stage's own reconstructions of the test images are scored the same way: the floor every latent model
+decodes through. Rows (the quality bench's fields plus ``first_stage_psnr`` and ``first_stage_recon_fid``) go to
+bench/results/ldm_cpu.json and are rendered into bench/RESULTS.md.
 
-    python bench/ldm_quality.py                       # the full CPU run (hours on 2 cores)
+    python bench/ldm_quality.py                       # the full CPU run (about 1.5-2 h on 2 cores)
     python bench/ldm_quality.py --smoke --out /tmp/s  # tiny end-to-end check on the built-in digits (< 1 min)
 """
 
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -173,6 +175,30 @@ def train_first_stage(args, budget: dict, out: Path) -> tuple[Path, float]:
     return path, psnr
 
 
+def first_stage_floor(args, ae_path: Path, out: Path, teacher_cfg, n: int, n_ref: int, spaces: list[str]) -> dict:
+    """Metrics of the first stage's reconstructions of the first ``n`` test images (cached in ``first_stage_recon``):
+    the floor every latent model's samples are decoded through, scored exactly as they are."""
+    from bidm.data import load_dataset
+    from bidm.fileio import atomic_write_text
+    from bidm.ldm.first_stage import FirstStage, load_autoencoder
+    from bidm.npz_io import images_to_uint8, save_samples_npz
+
+    run_dir = out / "first_stage_recon"
+    if not (run_dir / "samples.json").is_file():
+        smoke = SMOKE_MODEL[:1] if args.smoke else []
+        cfg = load_config(None, [*data_overrides(args), *FIRST_STAGE, *smoke, f"first_stage.ckpt={ae_path}"])
+        d = cfg.data
+        split, pick = ("train", slice(-n, None)) if args.smoke else ("test", slice(0, n))
+        images = load_dataset(d.name, path=d.path, split=split, size=d.size, channels=d.channels)[0][pick]
+        fs = FirstStage(load_autoencoder(cfg.first_stage)[0], "kl", 1.0)
+        with torch.no_grad():
+            rec = [images_to_uint8(fs.decode(fs.moments(b).chunk(2, dim=1)[0])) for b in images.split(100)]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_samples_npz(run_dir / "samples.npz", np.concatenate(rec))
+        atomic_write_text(run_dir / "samples.json", json.dumps({"n": n, "source": f"{split} reconstructions"}))
+    return ensure_metrics(run_dir, teacher_cfg, feature_spaces={s: n for s in spaces}, n_ref=n_ref)
+
+
 def add_rows(path: Path, rows: list[dict]) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     keys = {(r["method"], r["seed"], r["feature_space"]) for r in rows}
@@ -222,6 +248,10 @@ def main(argv=None) -> int:
             rows.append({**row, "first_stage_psnr": round(psnr, 2)})
         space = spaces[0]
         print(f"{method} seed {seed}: {space} FID {metrics['by_space'][space]['fid']:.2f}", flush=True)
+    floor = first_stage_floor(args, ae_path, out, teacher_cfg, n, n_ref, spaces)
+    for row in rows:
+        row["first_stage_recon_fid"] = round(floor["by_space"][row["feature_space"]]["fid"], 2)
+    print(f"first-stage reconstructions: {space} FID {floor['by_space'][space]['fid']:.2f}", flush=True)
     add_rows(Path(args.results), rows)
     if Path(args.results).resolve() == RESULTS_FILE.resolve():
         import render_results

@@ -143,7 +143,11 @@ def section(name: str, group: str) -> str | None:
     )
     psnr = sorted({r["first_stage_psnr"] for r in rows if r.get("first_stage_psnr") is not None})
     if psnr:
-        text += f"First-stage reconstruction PSNR on the test images: {', '.join(f'{v:.2f}' for v in psnr)} dB.\n\n"
+        text += f"First-stage reconstruction PSNR on the test images: {', '.join(f'{v:.2f}' for v in psnr)} dB"
+        floor = sorted({r["first_stage_recon_fid"] for r in fresh if r.get("first_stage_recon_fid") is not None})
+        if floor:  # the same images decoded from their own latents, scored like the samples
+            text += f"; Inception FID of those reconstructions (the decoder's floor): {', '.join(map(str, floor))}"
+        text += ".\n\n"
     if group == "method" and name == "quality_cifar16":
         text += headline(data) + "\n"
     return text + P.render_markdown(data, group)

@@ -382,6 +382,9 @@ def test_ldm_quality_bench_smoke(tmp_path):
     rows = json.loads(results.read_text())["rows"]
     assert {r["method"] for r in rows} == {"fp32", "xnor", "bidm"}
     assert all(r["feature_space"] == "domain" and math.isfinite(r["fid"]) and "first_stage_psnr" in r for r in rows)
+    assert all(math.isfinite(r["first_stage_recon_fid"]) for r in rows)  # the decoder's floor, scored alike
+    with np.load(tmp_path / "runs/first_stage_recon/samples.npz") as z:
+        assert z["arr_0"].shape == (16, 16, 16, 3) and z["arr_0"].std() > 0
     with np.load(tmp_path / "runs/bidm_s0/samples.npz") as z:
         assert z["arr_0"].shape == (16, 16, 16, 3)  # decoded 16x16 RGB digits, not 8x8 latents
     saved = yaml.safe_load((tmp_path / "runs/teacher/config.yaml").read_text())
