@@ -16,7 +16,7 @@ The first stage's own reconstructions of the test images are scored the same way
 decodes through. Rows (the quality bench's fields plus ``first_stage_psnr`` and ``first_stage_recon_fid``) go to
 bench/results/ldm_cpu.json and are rendered into bench/RESULTS.md.
 
-    python bench/ldm_quality.py                       # the full CPU run (about 1.5-2 h on 2 cores)
+    python bench/ldm_quality.py                       # the full CPU run (2 h 15 min on a 2-core AMD EPYC)
     python bench/ldm_quality.py --smoke --out /tmp/s  # tiny end-to-end check on the built-in digits (< 1 min)
 """
 
@@ -57,10 +57,11 @@ PROTOCOL = {
     "clip_x0": False,  # latents are not in [-1, 1]
     "features": ["inception", "domain"],
 }
-# Sized to finish in about 1.5 h on 2 cores (2-core AMD EPYC, timed per step with 2 threads): the ch-64 models of
-# the first attempt cost 5.0 s per AE step (batch 64), 0.9 s per teacher step and 2.6 s per 250-sample forward, about
-# 7 h in all. At ch 32 an AE step at batch 32 is ~1 s, a teacher step 0.39 s, a 250-sample forward 1.0 s. The first
-# stage's test PSNR goes into every row, so a weaker first stage is visible.
+# Sized to finish inside one session on 2 cores (measured on a 2-core AMD EPYC: 2 h 15 min, ~20 min of it the
+# 5000 Inception refs). Timed per step with 2 threads, the ch-64 models of the first attempt cost 5.0 s per AE
+# step (batch 64), 0.9 s per teacher step and 2.6 s per 250-sample forward, about 7 h in all. At ch 32 an AE step
+# at batch 32 is ~1 s, a teacher step 0.39 s, a 250-sample forward 1.0 s. The first stage's test PSNR and the FID
+# of its own reconstructions go into every row, so a weaker first stage is visible.
 FULL = dict(ae_steps=600, ae_batch=32, teacher_steps=3000, student_steps=1500, batch=32, methods=("xnor", "bidm"))
 SMOKE = dict(ae_steps=4, ae_batch=8, teacher_steps=3, student_steps=2, batch=8, methods=("xnor", "bidm"))
 FIRST_STAGE = ["first_stage.kind=kl", "first_stage.ch=32", "first_stage.ch_mult=[1, 2]",
