@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,6 +94,19 @@ def data_overrides(args) -> list[str]:
 AE_CKPT_EVERY = 200
 
 
+def first_stage_config(args, ckpt: Path | None = None):
+    smoke = SMOKE_MODEL[:1] if args.smoke else []
+    return load_config(
+        None, [*data_overrides(args), *FIRST_STAGE, *smoke, *([f"first_stage.ckpt={ckpt}"] if ckpt else [])]
+    )
+
+
+def reconstruct(fs, images: torch.Tensor) -> torch.Tensor:
+    """``images`` through the first stage and back (posterior mean), in batches of 100."""
+    with torch.no_grad():
+        return torch.cat([fs.decode(fs.moments(b).chunk(2, dim=1)[0]) for b in images.split(100)])
+
+
 def _save_ae_state(path: Path, ae, opt, g: torch.Generator, step: int) -> None:
     """The AE, its Adam moments, both RNG states and the step, atomically (safetensors), for an exact resume."""
     from safetensors.torch import save_file
@@ -137,7 +149,7 @@ def train_first_stage(args, budget: dict, out: Path) -> tuple[Path, float]:
     path, stats = out / "first_stage.safetensors", out / "first_stage.json"
     if path.is_file() and stats.is_file():
         return path, json.loads(stats.read_text())["psnr_db"]
-    cfg = load_config(None, [*data_overrides(args), *FIRST_STAGE, *(SMOKE_MODEL[:1] if args.smoke else [])])
+    cfg = first_stage_config(args)
     d = cfg.data
     train, _ = load_dataset(d.name, path=d.path, split="train", size=d.size, channels=d.channels)
     test = train[-64:] if args.smoke else load_dataset(d.name, path=d.path, split="test", size=d.size)[0][:1000]
@@ -162,9 +174,7 @@ def train_first_stage(args, budget: dict, out: Path) -> tuple[Path, float]:
         opt.step()
         if (step + 1) % AE_CKPT_EVERY == 0:
             print(f"first stage step {step + 1}: loss {loss.item():.4f}", flush=True)
-    fs = FirstStage(ae, "kl", 1.0)
-    with torch.no_grad():
-        rec = torch.cat([fs.decode(fs.moments(b).chunk(2, dim=1)[0]) for b in test.split(100)])
+    rec = reconstruct(FirstStage(ae, "kl", 1.0), test)
     mse = ((rec - test.clamp(-1, 1)) / 2).pow(2).mean().item()  # in [0, 1] pixel units
     psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
     out.mkdir(parents=True, exist_ok=True)
@@ -186,16 +196,13 @@ def first_stage_floor(args, ae_path: Path, out: Path, teacher_cfg, n: int, n_ref
 
     run_dir = out / "first_stage_recon"
     if not (run_dir / "samples.json").is_file():
-        smoke = SMOKE_MODEL[:1] if args.smoke else []
-        cfg = load_config(None, [*data_overrides(args), *FIRST_STAGE, *smoke, f"first_stage.ckpt={ae_path}"])
+        cfg = first_stage_config(args, ae_path)
         d = cfg.data
         split, pick = ("train", slice(-n, None)) if args.smoke else ("test", slice(0, n))
         images = load_dataset(d.name, path=d.path, split=split, size=d.size, channels=d.channels)[0][pick]
-        fs = FirstStage(load_autoencoder(cfg.first_stage)[0], "kl", 1.0)
-        with torch.no_grad():
-            rec = [images_to_uint8(fs.decode(fs.moments(b).chunk(2, dim=1)[0])) for b in images.split(100)]
+        rec = reconstruct(FirstStage(load_autoencoder(cfg.first_stage)[0], "kl", 1.0), images)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_samples_npz(run_dir / "samples.npz", np.concatenate(rec))
+        save_samples_npz(run_dir / "samples.npz", images_to_uint8(rec))
         atomic_write_text(run_dir / "samples.json", json.dumps({"n": n, "source": f"{split} reconstructions"}))
     return ensure_metrics(run_dir, teacher_cfg, feature_spaces={s: n for s in spaces}, n_ref=n_ref)
 
