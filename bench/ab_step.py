@@ -28,7 +28,7 @@ from bidm.binarize import binarize_  # noqa: E402
 from bidm.export import pack_  # noqa: E402
 from bidm.unet import DDIMUNet, UNetConfig, tiny_unet_config  # noqa: E402
 
-SWITCHES = ("BIDM_FUSED", "BIDM_FUSED_NORM", "BIDM_PREPARED")
+SWITCHES = ("BIDM_FUSED", "BIDM_FUSED_NORM", "BIDM_PREPARED", "BIDM_SKIP_CONCAT", "BIDM_FUSED_BLOCK")
 
 
 def ab(model, x, t, switch: str, rounds: int, calls: int) -> dict:

@@ -1,5 +1,7 @@
 """Bit packing layout and the binary kernels: compiled == reference twin == F.conv2d on codes, bit for bit."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -249,6 +251,13 @@ def test_epilogue_equals_torch_after_the_dots(impl, channels_last, sweep):
         y = kernels.binary_conv2d(words, weight, (s, s), (p, p), epilogue=epi, channels_last=channels_last, impl=impl)
         assert y.shape == dots.shape and kernels.is_channels_last(y) == channels_last
         torch.testing.assert_close(y, epi.apply(dots), rtol=0, atol=0)  # same float ops, same order
+        # a per-sample row bias (a ResBlock's time embedding) is added last: the same floats as adding it after
+        row_bias = torch.randn(2, cout, generator=gen)
+        epi_t = dataclasses.replace(epi, row_bias=row_bias)
+        y_t = kernels.binary_conv2d(
+            words, weight, (s, s), (p, p), epilogue=epi_t, channels_last=channels_last, impl=impl
+        )
+        assert torch.equal(y_t, y + row_bias[:, :, None, None])
         # the K map computed by the kernel from mean_c|x| and the 1-channel conv (up to summation order)
         mean, k_weight = torch.rand(2, 1, h, h, generator=gen), torch.rand(1, 1, k, k, generator=gen)
         kmap = F.conv2d(mean, k_weight, torch.tensor([0.2]), s, p)

@@ -102,7 +102,15 @@ def _add_to_fresh(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return h + other
 
 
+def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, b], dim=1)
+
+
 class ResnetBlock(nn.Module):
+    # How the up path hands this block ``[h, skip]``. The packed runtime may set a block's ``concat`` to one that
+    # leaves the pair unconcatenated for a norm and a 1x1 conv that read it as such (bidm.export.skip_concat).
+    concat = staticmethod(cat_channels)
+
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
         super().__init__()
         self.norm1 = group_norm(in_ch)
@@ -142,7 +150,11 @@ class AttnBlock(nn.Module):
         k = self.k(h).reshape(b, c, hh * ww)  # [B, C, HW]
         v = self.v(h).reshape(b, c, hh * ww)  # [B, C, HW]
         w = torch.softmax(torch.bmm(q, k) * c**-0.5, dim=2)  # [B, HW(query), HW(key)]
-        h = torch.bmm(v, w.permute(0, 2, 1)).reshape(b, c, hh, ww)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # keep the input's layout (the packed runtime's): the same sums, written [B, HW, C]
+            h = torch.bmm(w, v.permute(0, 2, 1)).reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+        else:
+            h = torch.bmm(v, w.permute(0, 2, 1)).reshape(b, c, hh, ww)
         return x + self.proj_out(h)
 
 
@@ -245,7 +257,7 @@ class DDIMUNet(nn.Module):
         for i in reversed(range(len(self.up))):
             level = self.up[i]
             for j, block in enumerate(level.block):
-                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                h = block(block.concat(h, hs.pop()), temb)
                 if len(level.attn) > 0:
                     h = level.attn[j](h)
             if i != 0:

@@ -44,7 +44,7 @@
 #define BIDM_AVX512 0
 #endif
 
-#define BIDM_ABI_VERSION 4
+#define BIDM_ABI_VERSION 5
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes, one 8x64-bit AVX-512 lane) */
 /* AVX2 without AVX-512 VPOPCNTDQ: the popcount is the nibble-LUT method (vpshufb on pre-split nibble words, the
  * default) or, with -DBIDM_HARLEY_SEAL=1, Harley-Seal carry-save accumulation on whole words (one pixel per call:
@@ -411,9 +411,10 @@ DEFINE_MICRO_SCALAR(micro_and, &)
  * Padding is (top, left) = (ph, pw); bottom/right padding is whatever Ho, Wo imply.
  *
  * Epilogue (epi NULL: y = the exact integer dots d, NCHW), applied while the tile is written, in this float order:
- *   y[b, o, p] = ((d * alpha[o]) * K[b, p] + bias[o]) + res_scale * res[b, o, p]
- * alpha [Cout], bias [Cout], res [B, Cout, Ho, Wo] (res_nhwc 0) or [B, Ho, Wo, Cout] (res_nhwc 1); each may be NULL
- * (factor 1, term 0). K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K map computed in the tile:
+ *   y[b, o, p] = (((d * alpha[o]) * K[b, p] + bias[o]) + res_scale * res[b, o, p]) + row_bias[b, o]
+ * alpha [Cout], bias [Cout], res [B, Cout, Ho, Wo] (res_nhwc 0) or [B, Ho, Wo, Cout] (res_nhwc 1), row_bias
+ * [B, Cout]; each may be NULL (factor 1, term 0). row_bias is the time-embedding add that follows conv1 in a UNet
+ * ResBlock, in the order the block does it, so fusing it changes no float. K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K map computed in the tile:
  *   K[b, p] = sum over in-bounds taps t of kweight[t] * kmean[b, ih(p, t), iw(p, t)] + kbias
  * (XNOR/BiDM's 1-channel conv of mean_c|x| [B, H, W], same kernel, stride and zero padding as the binary conv);
  * else 1.
@@ -422,16 +423,19 @@ typedef struct {
     const float *alpha, *kmap, *bias, *res, *kmean, *kweight;
     float res_scale, kbias;
     int32_t res_nhwc, out_nhwc;
+    const float *row_bias;
 } bidm_epilogue;
 
 /* One output pixel m (NCHW offset of its channel 0: nchw0) of a micro-tile: the dots v[0 .. nj-1] of channels
- * o0 .. o0+nj-1, through the epilogue (AVX2: one 8-float vector per pixel; the same float operations). */
+ * o0 .. o0+nj-1, through the epilogue (row_bias: e->row_bias + b * Cout for the pixel's sample b, or NULL) (AVX2: one 8-float vector per pixel; the same float operations). */
 static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0, int64_t HWo, int64_t Cout,
-                               int64_t o0, int64_t nj, const int32_t *v, float km, float *y) {
+                               int64_t o0, int64_t nj, const int32_t *v, float km, const float *row_bias,
+                               float *y) {
     const int64_t nchw = nchw0 + o0 * HWo, nhwc = m * Cout + o0;
     const int64_t ostride = e->out_nhwc ? 1 : HWo, rstride = e->res_nhwc ? 1 : HWo;
     float *yo = y + (e->out_nhwc ? nhwc : nchw);
     const float *ro = e->res ? e->res + (e->res_nhwc ? nhwc : nchw) : NULL;
+    const float *rb = row_bias ? row_bias + o0 : NULL; /* this pixel's sample's row of e->row_bias */
 #if defined(__AVX2__)
     if (nj == 8 && NR == 8) {
         float tmp[8];
@@ -445,6 +449,7 @@ static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0,
             const __m256 r = _mm256_loadu_ps(e->res_nhwc ? ro : tmp);
             f = _mm256_add_ps(f, _mm256_mul_ps(_mm256_set1_ps(e->res_scale), r));
         }
+        if (rb) f = _mm256_add_ps(f, _mm256_loadu_ps(rb));
         if (e->out_nhwc) {
             _mm256_storeu_ps(yo, f);
         } else {
@@ -460,6 +465,7 @@ static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0,
         if (e->kmap || e->kmean) f *= km;
         if (e->bias) f += e->bias[o0 + j];
         if (ro) f += e->res_scale * ro[j * rstride];
+        if (rb) f += rb[j];
         yo[j * ostride] = f;
     }
 }
@@ -479,7 +485,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
     }
     const int64_t ntile = (M + mc - 1) / mc;
     int status = 0;
-    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, 0.0f, 0, 0}, e = epi ? *epi : plain;
+    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, 0.0f, 0, 0, NULL};
+    const bidm_epilogue e = epi ? *epi : plain;
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (ntile > 1)
@@ -490,8 +497,9 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         uint64_t *padmask = (uint64_t *)malloc((size_t)(mc + MR) * sizeof(uint64_t));
         int32_t *popa = (int32_t *)malloc((size_t)(mc + MR) * sizeof(int32_t));
         int64_t *pix = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* NCHW offset of (b, 0, oh, ow) */
+        int64_t *bix = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* sample b of the pixel */
         float *kv = (float *)malloc((size_t)(mc + MR) * sizeof(float));          /* K map value per pixel */
-        const int ok = raw && split && padmask && popa && pix && kv;
+        const int ok = raw && split && padmask && popa && pix && bix && kv;
         if (!ok) {
 #pragma omp atomic write
             status = -2;
@@ -525,6 +533,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                 const int64_t m = m0 + i, ih0 = oh * sh - ph, iw0 = ow * sw - pw;
                 const int interior = ih0 >= 0 && ih0 + kh <= H && iw0 >= 0 && iw0 + kw <= W;
                 pix[i] = b * Cout * HWo + r;
+                bix[i] = b;
                 if (e.kmean) {
                     float k = 0.0f;
                     if (interior) {
@@ -632,7 +641,8 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                             }
                     }
                     for (int64_t i = 0; i < MR && i0 + i < nm; i++)
-                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v[i], kv[i0 + i], y);
+                        write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v[i], kv[i0 + i],
+                                    e.row_bias ? e.row_bias + bix[i0 + i] * Cout : NULL, y);
                 }
         }
         free(raw);
@@ -640,6 +650,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         free(padmask);
         free(popa);
         free(pix);
+        free(bix);
         free(kv);
     }
     return status;

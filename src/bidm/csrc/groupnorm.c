@@ -15,6 +15,10 @@
  * the exponent bits) in AVX-512 / AVX2 intrinsics where compiled in (scalar otherwise); its error is a few ulp, so y
  * differs from torch's GroupNorm + SiLU by float rounding only. Samples are split across threads; with fewer samples
  * than threads each sample's pixels are cut into chunks whose partial sums are reduced before pass 2.
+ *
+ * `bidm_group_norm_cat_nhwc` normalises the channel concatenation of two tensors without making it: pass 1 sums
+ * each part into its channels' slots, pass 2 writes each part's rows into its half of every output row (the UNet's
+ * skip concatenation, `bidm/export/skip_concat.py`).
  */
 #include <math.h>
 #include <stdint.h>
@@ -169,11 +173,13 @@ static inline vf silu_vec(vf u) {
 }
 #endif
 
+/* Rows p = 0..P-1 of x (row stride C) normalised into y (row stride ystride): y may hold more channels than x
+ * (the two halves of a concatenation are written into one output, each from its own tensor). */
 static void normalize_rows(const float *x, int64_t P, int64_t C, const float *scale, const float *shift, int silu,
-                           float *y) {
+                           float *y, int64_t ystride) {
     for (int64_t p = 0; p < P; p++) {
         const float *src = x + p * C;
-        float *dst = y + p * C;
+        float *dst = y + p * ystride;
         int64_t c = 0;
         if (silu) {
 #if VW
@@ -188,6 +194,28 @@ static void normalize_rows(const float *x, int64_t P, int64_t C, const float *sc
     }
 }
 
+/* The sums of pixels [p0, p0 + np) of sample b over both parts (s: sum[C], then sq[C]), and their normalised rows. */
+typedef struct {
+    const float *x1, *x2;
+    int64_t C1, C2, HW;
+} gn_parts;
+
+static void parts_sums(const gn_parts *in, int64_t b, int64_t p0, int64_t np, double *s) {
+    const int64_t C = in->C1 + in->C2;
+    channel_sums(in->x1 + (b * in->HW + p0) * in->C1, np, in->C1, s, s + C);
+    if (in->C2) channel_sums(in->x2 + (b * in->HW + p0) * in->C2, np, in->C2, s + in->C1, s + C + in->C1);
+}
+
+static void parts_normalize(const gn_parts *in, int64_t b, int64_t p0, int64_t np, const float *a, int silu,
+                            float *y) {
+    const int64_t C = in->C1 + in->C2;
+    float *dst = y + (b * in->HW + p0) * C;
+    normalize_rows(in->x1 + (b * in->HW + p0) * in->C1, np, in->C1, a, a + C, silu, dst, C);
+    if (in->C2)
+        normalize_rows(in->x2 + (b * in->HW + p0) * in->C2, np, in->C2, a + in->C1, a + C + in->C1, silu,
+                       dst + in->C1, C);
+}
+
 /* Task ``task`` of the split path: sample b, pixels [p0, p0 + np). */
 static inline void chunk_of(int64_t task, int64_t split, int64_t chunk, int64_t HW, int64_t *b, int64_t *p0,
                             int64_t *np) {
@@ -196,12 +224,17 @@ static inline void chunk_of(int64_t task, int64_t split, int64_t chunk, int64_t 
     *np = *p0 >= HW ? 0 : (HW - *p0 < chunk ? HW - *p0 : chunk);
 }
 
-/* x, y: [B, HW, C] float32 (y may alias x); gamma, beta: [C] or NULL. Returns 0, or -1 when C % G != 0 or an
- * allocation fails (y untouched). */
-int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64_t G, const float *gamma,
-                         const float *beta, float eps, int silu, float *y, int nthreads) {
+/* GroupNorm (+ SiLU) of the channel concatenation [x1, x2]: x1 [B, HW, C1], x2 [B, HW, C2] (C2 = 0: x2 unused),
+ * y [B, HW, C1 + C2], all float32 channels last; gamma, beta: [C1 + C2] or NULL. Groups may straddle the two parts
+ * (the statistics are per-channel sums first). Returns 0, or -1 when (C1 + C2) % G != 0 or an allocation fails
+ * (y untouched). y may alias x1 only when C2 = 0. */
+int bidm_group_norm_cat_nhwc(const float *x1, int64_t C1, const float *x2, int64_t C2, int64_t B, int64_t HW,
+                             int64_t G, const float *gamma, const float *beta, float eps, int silu, float *y,
+                             int nthreads) {
+    const int64_t C = C1 + C2;
     if (G <= 0 || C % G != 0) return -1;
     if (nthreads < 1) nthreads = 1;
+    const gn_parts in = {x1, x2, C1, C2, HW};
     int64_t split = B >= nthreads || HW * C < 65536 ? 1 : (nthreads + B - 1) / B; /* small images: no split */
     if (split > HW) split = HW;
     if (split > GN_MAX_SPLIT) split = GN_MAX_SPLIT;
@@ -218,17 +251,16 @@ int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64
         for (int64_t b = 0; b < B; b++) {
             double *s = sums + b * 2 * C;
             float *a = affine + b * 2 * C;
-            channel_sums(x + b * HW * C, HW, C, s, s + C);
+            parts_sums(&in, b, 0, HW, s);
             affine_from_sums(s, s + C, C, G, HW, gamma, beta, eps, a, a + C);
-            normalize_rows(x + b * HW * C, HW, C, a, a + C, silu, y + b * HW * C);
+            parts_normalize(&in, b, 0, HW, a, silu, y);
         }
     } else {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t task = 0; task < B * split; task++) {
             int64_t b, p0, np;
             chunk_of(task, split, chunk, HW, &b, &p0, &np);
-            double *s = sums + task * 2 * C;
-            channel_sums(x + (b * HW + p0) * C, np, C, s, s + C);
+            parts_sums(&in, b, p0, np, sums + task * 2 * C);
         }
         for (int64_t b = 0; b < B; b++) {
             double *total = sums + b * split * 2 * C;
@@ -241,11 +273,17 @@ int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64
         for (int64_t task = 0; task < B * split; task++) {
             int64_t b, p0, np;
             chunk_of(task, split, chunk, HW, &b, &p0, &np);
-            const float *a = affine + b * 2 * C;
-            normalize_rows(x + (b * HW + p0) * C, np, C, a, a + C, silu, y + (b * HW + p0) * C);
+            parts_normalize(&in, b, p0, np, affine + b * 2 * C, silu, y);
         }
     }
     free(sums);
     free(affine);
     return 0;
+}
+
+/* x, y: [B, HW, C] float32 (y may alias x); gamma, beta: [C] or NULL. Returns 0, or -1 when C % G != 0 or an
+ * allocation fails (y untouched). */
+int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64_t G, const float *gamma,
+                         const float *beta, float eps, int silu, float *y, int nthreads) {
+    return bidm_group_norm_cat_nhwc(x, C, NULL, 0, B, HW, G, gamma, beta, eps, silu, y, nthreads);
 }

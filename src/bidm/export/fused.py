@@ -84,7 +84,7 @@ def constants(layer: nn.Module, shift: str | None, with_shortcut: bool) -> dict:
     return cache
 
 
-def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool) -> torch.Tensor:
+def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool, row_bias=None):
     c = constants(layer, shift, with_shortcut)
     weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
     if (
@@ -99,22 +99,23 @@ def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: b
                                                     c["shift"], c["k_weight"], c["k_bias"], c["scale"])  # fmt: skip
         words, mean = plan.pack(x)
         res = shortcut(layer, x, plan.output_size(*x.shape[2:])) if with_shortcut else None
-        return plan.gemm(words, mean, res)
+        return plan.gemm(words, mean, res, row_bias)
     words, mean = kernels.pack_input(x, c["shift"], layer.a_code, absmean=True)
     out_hw = kernels.conv_output_size(*x.shape[2:], layer.kernel_size, stride, padding)
     res = shortcut(layer, x, out_hw) if with_shortcut else None
-    epi = kernels.Epilogue(c["alpha"], None, c["bias"], res, c["scale"], mean, c["k_weight"], c["k_bias"])
+    epi = kernels.Epilogue(c["alpha"], None, c["bias"], res, c["scale"], mean, c["k_weight"], c["k_bias"],
+                           row_bias)  # fmt: skip
     return kernels.binary_conv2d(words, weight, stride, padding, layer.a_code, epilogue=epi, channels_last=True)
 
 
-def xnor_conv(layer: XnorConv2d, x: torch.Tensor) -> torch.Tensor:
-    """``(sign(x) (*) sign(W)) . K . alpha + bias``."""
-    return _conv(layer, x, None, with_shortcut=False)
+def xnor_conv(layer: XnorConv2d, x: torch.Tensor, row_bias=None) -> torch.Tensor:
+    """``(sign(x) (*) sign(W)) . K . alpha + bias`` (then ``+ row_bias[:, :, None, None]``)."""
+    return _conv(layer, x, None, False, row_bias)
 
 
-def bidm_conv(layer: BiDMConv2d, x: torch.Tensor) -> torch.Tensor:
-    """``(sign(x + b) (*) sign(W)) . alpha . K + bias + |s| . shortcut(x)``."""
-    return _conv(layer, x, "act_shift", with_shortcut=True)
+def bidm_conv(layer: BiDMConv2d, x: torch.Tensor, row_bias=None) -> torch.Tensor:
+    """``(sign(x + b) (*) sign(W)) . alpha . K + bias + |s| . shortcut(x)`` (then ``+ row_bias[:, :, None, None]``)."""
+    return _conv(layer, x, "act_shift", True, row_bias)
 
 
 _UNIT_K = torch.ones(1, 1, 1, 1)  # XNOR linear's K is mean_c|x| itself: a 1x1 "K conv" of weight 1, bias 0

@@ -42,7 +42,7 @@ from bidm.export import pack
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC / "bitgemm.c", CSRC / "groupnorm.c")  # built into one library
-ABI_VERSION = 4
+ABI_VERSION = 5
 PANEL_WIDTH = 8  # NR of bitgemm.c: output channels per weight panel
 _MODES = {"pm1": 0, "01": 1}
 
@@ -172,6 +172,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bidm_conv2d.restype = cint
     lib.bidm_group_norm_nhwc.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, cint, ptr, cint]
     lib.bidm_group_norm_nhwc.restype = cint
+    lib.bidm_group_norm_cat_nhwc.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, cint, ptr,
+                                             cint]  # fmt: skip
+    lib.bidm_group_norm_cat_nhwc.restype = cint
     lib.bidm_set_pixel_major_bytes.argtypes = [i64]
     lib.bidm_set_pixel_major_bytes.restype = i64
 
@@ -227,7 +230,8 @@ def kernel_info() -> dict:
 
 def switch(name: str) -> bool:
     """A runtime on/off switch from the environment (default on): ``BIDM_FUSED``, ``BIDM_FUSED_NORM``,
-    ``BIDM_PREPARED``; read at every call, so a process can flip one between calls (``bench/ab_step.py``)."""
+    ``BIDM_PREPARED``, ``BIDM_SKIP_CONCAT``, ``BIDM_FUSED_BLOCK``; read at every call, so a process can flip one
+    between calls (``bench/ab_step.py``)."""
     value = os.environ.get(name, "1")
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}; expected 0 or 1")
@@ -350,12 +354,14 @@ def pack_activation(a: torch.Tensor, code: str = "pm1", *, impl: str | None = No
 class Epilogue:
     """Real-valued factors applied while the kernel writes its output, in this float order:
 
-        y[b, o, p] = ((d[b, o, p] * alpha[o]) * K[b, 0, p] + bias[o]) + res_scale * res[b, o, p]
+        y[b, o, p] = (((d[b, o, p] * alpha[o]) * K[b, 0, p] + bias[o]) + res_scale * res[b, o, p]) + row_bias[b, o]
 
-    ``d`` = the exact integer dot; ``alpha`` / ``bias`` [Cout], ``res`` [B, Cout, Ho, Wo] (NCHW or channels last);
-    None = factor 1 / term 0. ``K`` is ``kmap`` [B, 1, Ho, Wo] when given, else, with ``kmean`` [B, 1, H, W],
-    the 1-channel conv ``k_weight`` [1, 1, kh, kw] (+ ``k_bias``) of ``kmean`` with the binary conv's kernel size,
-    stride and zero padding, computed by the kernel per output tile (XNOR/BiDM's K map); else 1.
+    ``d`` = the exact integer dot; ``alpha`` / ``bias`` [Cout], ``res`` [B, Cout, Ho, Wo] (NCHW or channels last),
+    ``row_bias`` [B, Cout]; None = factor 1 / term 0. ``row_bias`` is the time-embedding add a UNet ResBlock does
+    after its first conv (`bidm.export.fused_block`), in the same order. ``K`` is ``kmap`` [B, 1, Ho, Wo] when
+    given, else, with ``kmean`` [B, 1, H, W], the 1-channel conv ``k_weight`` [1, 1, kh, kw] (+ ``k_bias``) of
+    ``kmean`` with the binary conv's kernel size, stride and zero padding, computed by the kernel per output tile
+    (XNOR/BiDM's K map); else 1.
     """
 
     alpha: torch.Tensor | None = None
@@ -366,6 +372,7 @@ class Epilogue:
     kmean: torch.Tensor | None = None
     k_weight: torch.Tensor | None = None
     k_bias: float = 0.0
+    row_bias: torch.Tensor | None = None
 
     def k_map(self, stride, padding) -> torch.Tensor | None:
         if self.kmap is not None or self.kmean is None:
@@ -385,6 +392,8 @@ class Epilogue:
             y = y + self.bias.reshape(1, -1, 1, 1)
         if self.res is not None:
             y = y + self.res_scale * self.res
+        if self.row_bias is not None:
+            y = y + self.row_bias.reshape(y.shape[0], -1, 1, 1)
         return y
 
 
@@ -394,6 +403,7 @@ class _CEpilogue(ctypes.Structure):
         ("kbias", ctypes.c_float),
         ("res_nhwc", ctypes.c_int32),
         ("out_nhwc", ctypes.c_int32),
+        ("row_bias", ctypes.c_void_p),
     ]
 
 
@@ -424,10 +434,11 @@ def _c_epilogue(epi: Epilogue | None, shape: tuple, in_hw: tuple, kernel: tuple,
     kweight = vec(epi.k_weight, kernel[0] * kernel[1]) if kmean is not None else None
     alpha, bias, kmap = vec(epi.alpha, cout), vec(epi.bias, cout), vec(epi.kmap, b * ho * wo)
     res, res_nhwc = (None, False) if epi.res is None else _residual(epi.res, shape)
+    row_bias = vec(epi.row_bias, b * cout)
     keep = [alpha, kmap, bias, res, kmean, kweight]
     c = _CEpilogue(*(t.data_ptr() if t is not None else None for t in keep), float(epi.res_scale), float(epi.k_bias),
-                   int(res_nhwc), int(channels_last))  # fmt: skip
-    return c, keep
+                   int(res_nhwc), int(channels_last), _ptr(row_bias))  # fmt: skip
+    return c, keep + [row_bias]
 
 
 def conv_output_size(h: int, w: int, kernel_size, stride, padding) -> tuple[int, int]:
@@ -513,8 +524,10 @@ class PreparedConv:
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         return conv_output_size(h, w, self.weight.kernel_size, self.stride, self.padding)
 
-    def gemm(self, words: torch.Tensor, mean: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
-        """The popcount conv with the epilogue (alpha, K map of ``mean``, bias, ``scale * res``), channels last."""
+    def gemm(self, words: torch.Tensor, mean: torch.Tensor, res: torch.Tensor | None,
+             row_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The popcount conv with the epilogue (alpha, K map of ``mean``, bias, ``scale * res``, then ``row_bias``
+        [B, Cout], see `Epilogue`), channels last."""
         b, h, w, _ = words.shape
         ho, wo = self.output_size(h, w)
         cout = self.weight.cout
@@ -526,6 +539,12 @@ class PreparedConv:
             epi.res, epi.res_nhwc = res.data_ptr(), int(nhwc)
         else:
             epi.res = None
+        if row_bias is not None:
+            if row_bias.dtype != torch.float32 or not row_bias.is_contiguous() or row_bias.numel() != b * cout:
+                raise ValueError(f"row_bias must be float32 contiguous [{b}, {cout}], got {tuple(row_bias.shape)}")
+            epi.row_bias = row_bias.data_ptr()
+        else:
+            epi.row_bias = None
         (kh, kw), (sh, sw), (ph, pw) = self.weight.kernel_size, self.stride, self.padding
         status = self._conv_fn(
             words.data_ptr(), b, h, w, self.weight.cin, self._panel, self._tapsum, cout, kh, kw, sh, sw, ph, pw,

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bidm.export import kernels
+from bidm.export.skip_concat import ChannelPair
 
 
 def enabled() -> bool:
@@ -32,8 +33,13 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     )
 
 
-def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False) -> torch.Tensor:
-    """``norm(x)`` (then SiLU when ``silu``) by the compiled kernel where it applies, else by torch."""
+def group_norm(x: torch.Tensor | ChannelPair, norm: nn.GroupNorm, silu: bool = False) -> torch.Tensor:
+    """``norm(x)`` (then SiLU when ``silu``) by the compiled kernel where it applies, else by torch. A `ChannelPair`
+    is normalised as its concatenation, which the kernel never makes (`bidm.export.skip_concat`)."""
+    if isinstance(x, ChannelPair):
+        if all(_kernel_applies(t, norm.weight) for t in x):
+            return _group_norm_pair(x, norm, silu)
+        x = x.cat()
     if not _kernel_applies(x, norm.weight):
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
@@ -50,12 +56,27 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False) -> torch
     return y
 
 
+def _group_norm_pair(x: ChannelPair, norm: nn.GroupNorm, silu: bool) -> torch.Tensor:
+    (b, c1, h, w), c2 = x.a.shape, x.b.shape[1]
+    y = torch.empty(b, c1 + c2, h, w, memory_format=torch.channels_last)
+    weight = None if norm.weight is None else norm.weight.detach().float().contiguous()
+    bias = None if norm.bias is None else norm.bias.detach().float().contiguous()
+    status = kernels.library().bidm_group_norm_cat_nhwc(
+        kernels._ptr(x.a), c1, kernels._ptr(x.b), c2, b, h * w, norm.num_groups, kernels._ptr(weight),
+        kernels._ptr(bias), norm.eps, int(silu), kernels._ptr(y), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"bidm_group_norm_cat_nhwc failed on {tuple(x.shape)} with {norm.num_groups} groups")
+    return y
+
+
 class PackedGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` whose forward runs the compiled channels-last kernel where it applies."""
 
     fuses_silu = True
+    takes_pairs = True  # a `ChannelPair` (the UNet's skip concatenation, unmade) is normalised as its concatenation
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ChannelPair, silu: bool = False) -> torch.Tensor:
         return group_norm(x, self, silu)
 
 

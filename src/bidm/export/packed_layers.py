@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from bidm.binarize.core import BinaryConv2d, BinaryLayer, BinaryLinear
-from bidm.export import fused, int8_gemm, kernels, norm, pack
+from bidm.export import conv1x1, fused, fused_block, int8_gemm, kernels, norm, pack, skip_concat
 
 
 def off_cpu(a: torch.Tensor) -> bool:
@@ -238,7 +238,10 @@ def pack_(model: torch.nn.Module) -> torch.nn.Module:
     (conv_in, 1x1 skips, ...) get a forward pre-hook that reads their input channels last, so the whole network runs
     in one layout: an element-wise op between an NCHW and a channels-last tensor is many times slower than either.
     Its ``nn.GroupNorm`` layers become `bidm.export.norm.PackedGroupNorm` (the compiled channels-last GroupNorm, with
-    the SiLU after it fused where the UNet asks through `bidm.unet.norm_silu`).
+    the SiLU after it fused where the UNet asks through `bidm.unet.norm_silu`), its FP 1x1 convs
+    `bidm.export.conv1x1.PackedConv1x1` (a GEMM where that is faster), and the UNet blocks that take a skip
+    concatenation read it as a pair instead (`bidm.export.skip_concat`); its ResnetBlocks add their time embedding
+    and skip inside the convs' kernels (`bidm.export.fused_block`).
     """
     for module in list(model.modules()):
         if isinstance(module, BinaryLayer) and not isinstance(module, PackedLayer):
@@ -249,4 +252,7 @@ def pack_(model: torch.nn.Module) -> torch.nn.Module:
                 m.register_forward_pre_hook(_channels_last_input)
                 m._bidm_channels_last = True
         norm.convert_norms_(model)
+        conv1x1.convert_(model)
+        skip_concat.convert_(model)
+        fused_block.convert_(model)
     return model
