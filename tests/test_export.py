@@ -139,6 +139,10 @@ def test_fused_constants_follow_state_dict_changes_and_the_model_runs_channels_l
             module.filter_k.bias.add_(0.1)
             module.shortcut.scale.mul_(2.0)
         torch.testing.assert_close(packed(x), layer(x), rtol=1e-4, atol=1e-5)
+        assert packed.__dict__["_fused_constants"]["slots"] is not None  # checked without attribute lookups
+        for module in (layer, packed):  # a replaced parameter (load_state_dict(assign=True)) is seen too
+            module.act_shift = nn.Parameter(module.act_shift.detach() - 1.0)
+        torch.testing.assert_close(packed(x), layer(x), rtol=1e-4, atol=1e-5)
     model = pack_(perturbed(build_model(tiny_config("xnor")), gen).eval())
     with torch.no_grad():
         eps = model(torch.randn(2, 3, 8, 8, generator=gen), torch.tensor([10, 20]))

@@ -298,8 +298,9 @@ class Shortcut(nn.Module):
 
     def unscaled(self, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
         """``shortcut(x)`` before the scale (the packed runtime adds ``factor() * unscaled`` in its epilogue)."""
-        if hasattr(self, "proj"):
-            s = self.proj(x)
+        proj = self._modules.get("proj")  # not hasattr: a failed module __getattr__ costs ~1 us per call
+        if proj is not None:
+            s = proj(x)
         elif self.stride > 1:
             s = F.avg_pool2d(x, self.stride)
         else:

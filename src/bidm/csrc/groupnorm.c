@@ -16,9 +16,9 @@
  * differs from torch's GroupNorm + SiLU by float rounding only. Samples are split across threads; with fewer samples
  * than threads each sample's pixels are cut into chunks whose partial sums are reduced before pass 2.
  *
- * `bidm_group_norm_cat_nhwc` normalises the channel concatenation of two tensors without making it: pass 1 sums
- * each part into its channels' slots, pass 2 writes each part's rows into its half of every output row (the UNet's
- * skip concatenation, `bidm/export/skip_concat.py`).
+ * `bidm_group_norm_cat_nhwc` takes one tensor (C2 = 0) or the two halves of a channel concatenation, which it never
+ * makes: pass 1 sums each part into its channels' slots, pass 2 writes each part's rows into its half of every
+ * output row (the UNet's skip concatenation, `bidm/export/skip_concat.py`).
  */
 #include <math.h>
 #include <stdint.h>
@@ -227,7 +227,7 @@ static inline void chunk_of(int64_t task, int64_t split, int64_t chunk, int64_t 
 /* GroupNorm (+ SiLU) of the channel concatenation [x1, x2]: x1 [B, HW, C1], x2 [B, HW, C2] (C2 = 0: x2 unused),
  * y [B, HW, C1 + C2], all float32 channels last; gamma, beta: [C1 + C2] or NULL. Groups may straddle the two parts
  * (the statistics are per-channel sums first). Returns 0, or -1 when (C1 + C2) % G != 0 or an allocation fails
- * (y untouched). y may alias x1 only when C2 = 0. */
+ * (y untouched). */
 int bidm_group_norm_cat_nhwc(const float *x1, int64_t C1, const float *x2, int64_t C2, int64_t B, int64_t HW,
                              int64_t G, const float *gamma, const float *beta, float eps, int silu, float *y,
                              int nthreads) {
@@ -279,11 +279,4 @@ int bidm_group_norm_cat_nhwc(const float *x1, int64_t C1, const float *x2, int64
     free(sums);
     free(affine);
     return 0;
-}
-
-/* x, y: [B, HW, C] float32 (y may alias x); gamma, beta: [C] or NULL. Returns 0, or -1 when C % G != 0 or an
- * allocation fails (y untouched). */
-int bidm_group_norm_nhwc(const float *x, int64_t B, int64_t HW, int64_t C, int64_t G, const float *gamma,
-                         const float *beta, float eps, int silu, float *y, int nthreads) {
-    return bidm_group_norm_cat_nhwc(x, C, NULL, 0, B, HW, G, gamma, beta, eps, silu, y, nthreads);
 }

@@ -170,8 +170,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bidm_conv2d.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64]
     lib.bidm_conv2d.argtypes += [cint, ptr, cint, ctypes.POINTER(_CEpilogue)]
     lib.bidm_conv2d.restype = cint
-    lib.bidm_group_norm_nhwc.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, cint, ptr, cint]
-    lib.bidm_group_norm_nhwc.restype = cint
     lib.bidm_group_norm_cat_nhwc.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, cint, ptr,
                                              cint]  # fmt: skip
     lib.bidm_group_norm_cat_nhwc.restype = cint
@@ -535,8 +533,9 @@ class PreparedConv:
         epi = self._epi
         epi.kmean = mean.data_ptr() if self._has_k else None
         if res is not None:
-            res, nhwc = _residual(res, (b, cout, ho, wo))
-            epi.res, epi.res_nhwc = res.data_ptr(), int(nhwc)
+            if not (res.dtype == torch.float32 and is_channels_last(res) and res.shape == y.shape):
+                res = _residual(res, (b, cout, ho, wo))[0]
+            epi.res, epi.res_nhwc = res.data_ptr(), int(is_channels_last(res))
         else:
             epi.res = None
         if row_bias is not None:

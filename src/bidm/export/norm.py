@@ -36,37 +36,40 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 def group_norm(x: torch.Tensor | ChannelPair, norm: nn.GroupNorm, silu: bool = False) -> torch.Tensor:
     """``norm(x)`` (then SiLU when ``silu``) by the compiled kernel where it applies, else by torch. A `ChannelPair`
     is normalised as its concatenation, which the kernel never makes (`bidm.export.skip_concat`)."""
-    if isinstance(x, ChannelPair):
-        if all(_kernel_applies(t, norm.weight) for t in x):
-            return _group_norm_pair(x, norm, silu)
-        x = x.cat()
-    if not _kernel_applies(x, norm.weight):
-        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    weight = None if norm.weight is None else norm.weight.detach().float().contiguous()
-    bias = None if norm.bias is None else norm.bias.detach().float().contiguous()
-    b, c, h, w = x.shape
-    status = kernels.library().bidm_group_norm_nhwc(
-        kernels._ptr(x), b, h * w, c, norm.num_groups, kernels._ptr(weight), kernels._ptr(bias), norm.eps,
-        int(silu), kernels._ptr(y), torch.get_num_threads(),
-    )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"bidm_group_norm_nhwc failed on {tuple(x.shape)} with {norm.num_groups} groups")
-    return y
+    parts = tuple(x) if isinstance(x, ChannelPair) else (x,)
+    if all(_kernel_applies(t, norm.weight) for t in parts):
+        return _kernel(parts, norm, silu)
+    x = x.cat() if isinstance(x, ChannelPair) else x
+    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
 
 
-def _group_norm_pair(x: ChannelPair, norm: nn.GroupNorm, silu: bool) -> torch.Tensor:
-    (b, c1, h, w), c2 = x.a.shape, x.b.shape[1]
+def _affine(norm: nn.GroupNorm) -> tuple[int | None, int | None]:
+    """Pointers to ``norm``'s weight and bias as float32 contiguous tensors, made once per parameter version (a batch-1
+    step calls ~50 norms: the per-call conversions cost more than small kernels)."""
+    params = (norm.weight, norm.bias)
+    key = tuple(None if p is None else (p.data_ptr(), p._version) for p in params)
+    cache = norm.__dict__.get("_kernel_affine")
+    if cache is None or cache[0] != key:
+        tensors = tuple(None if p is None else p.detach().float().contiguous() for p in params)
+        ptrs = tuple(None if t is None else t.data_ptr() for t in tensors)
+        cache = norm.__dict__["_kernel_affine"] = (key, tensors, ptrs)
+    return cache[2]
+
+
+def _kernel(parts: tuple[torch.Tensor, ...], norm: nn.GroupNorm, silu: bool) -> torch.Tensor:
+    """The compiled kernel on one channels-last tensor or on the two halves of a concatenation."""
+    (b, c1, h, w), c2 = parts[0].shape, sum(t.shape[1] for t in parts[1:])
     y = torch.empty(b, c1 + c2, h, w, memory_format=torch.channels_last)
-    weight = None if norm.weight is None else norm.weight.detach().float().contiguous()
-    bias = None if norm.bias is None else norm.bias.detach().float().contiguous()
+    weight, bias = _affine(norm)
+    second = parts[1].data_ptr() if len(parts) > 1 else None
     status = kernels.library().bidm_group_norm_cat_nhwc(
-        kernels._ptr(x.a), c1, kernels._ptr(x.b), c2, b, h * w, norm.num_groups, kernels._ptr(weight),
-        kernels._ptr(bias), norm.eps, int(silu), kernels._ptr(y), torch.get_num_threads(),
+        parts[0].data_ptr(), c1, second, c2, b, h * w, norm.num_groups, weight, bias, norm.eps, int(silu),
+        y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
-        raise RuntimeError(f"bidm_group_norm_cat_nhwc failed on {tuple(x.shape)} with {norm.num_groups} groups")
+        shape = (b, c1 + c2, h, w)
+        raise RuntimeError(f"bidm_group_norm_cat_nhwc failed on {shape} with {norm.num_groups} groups")
     return y
 
 
@@ -78,6 +81,11 @@ class PackedGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor | ChannelPair, silu: bool = False) -> torch.Tensor:
         return group_norm(x, self, silu)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_kernel_affine", None)  # pointers: rebuilt on the next forward
+        return state
 
 
 def convert_norms_(model: nn.Module) -> nn.Module:
