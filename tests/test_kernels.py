@@ -232,7 +232,7 @@ def test_fused_input_pass_equals_sign_then_pack_and_mean_abs(impl, channels_last
 def test_epilogue_equals_torch_after_the_dots(impl, channels_last, sweep):
     """alpha, K map, bias and scaled residual applied while writing == the same torch ops on the exact dots."""
     gen = torch.Generator().manual_seed(6)
-    for cin, cout, k, s, p, h in [(70, 13, 3, 1, 1, 7), (64, 20, 3, 2, 0, 9), (130, 9, 1, 1, 0, 5)]:
+    for cin, cout, k, s, p, h in [(70, 13, 3, 1, 1, 8), (64, 20, 3, 2, 0, 9), (130, 9, 1, 1, 0, 6)]:
         a = pm1(2, cin, h, h, gen=gen)
         weight = kernels.KernelWeight(pack.pack_conv_weight(pm1(cout, cin, k, k, gen=gen)), cin)
         words = kernels.pack_activation(a, impl=impl)
@@ -258,6 +258,12 @@ def test_epilogue_equals_torch_after_the_dots(impl, channels_last, sweep):
             words, weight, (s, s), (p, p), epilogue=epi_t, channels_last=channels_last, impl=impl
         )
         assert torch.equal(y_t, y + row_bias[:, :, None, None])
+        if channels_last and s == 1 and dots.shape[-1] % 2 == 0:  # a residual read nearest-upsampled (res_up)
+            low = res[:, :, ::2, ::2].contiguous(memory_format=torch.channels_last)
+            epi_u = dataclasses.replace(epi, res=low, res_up=2)
+            y_u = kernels.binary_conv2d(words, weight, (s, s), (p, p), epilogue=epi_u, channels_last=True, impl=impl)
+            up = dataclasses.replace(epi, res=kernels.upsample_nearest(low, 2))
+            assert torch.equal(y_u, up.apply(dots))
         # the K map computed by the kernel from mean_c|x| and the 1-channel conv (up to summation order)
         mean, k_weight = torch.rand(2, 1, h, h, generator=gen), torch.rand(1, 1, k, k, generator=gen)
         kmap = F.conv2d(mean, k_weight, torch.tensor([0.2]), s, p)

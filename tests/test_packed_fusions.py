@@ -1,7 +1,7 @@
 """The packed runtime's block-level fusions: the skip concatenation left as a pair (GroupNorm of two tensors, 1x1
-conv as split GEMMs), FP 1x1 convs as GEMMs, the time-embedding add in conv1's epilogue, attention output in the
-input's layout. Each equals the plain path (to the bit where the float order is kept, else to float rounding), and
-each switch turns it off."""
+conv as split GEMMs), FP 1x1 convs as GEMMs (the skip one added into conv2's output), the time-embedding add in
+conv1's epilogue, the upsample conv on packed words, attention output in the input's layout. Each equals the plain
+path (to the bit where the float order is kept, else to float rounding), and each switch turns it off."""
 
 import copy
 
@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from bidm.binarize import binarize_
 from bidm.export import kernels, pack_
 from bidm.export.conv1x1 import GEMM_MAX_ROWS, PackedConv1x1
-from bidm.export.fused_block import PackedResnetBlock
+from bidm.export.fused_block import PackedResnetBlock, PackedUpsample
 from bidm.export.norm import group_norm
 from bidm.export.skip_concat import ChannelPair
-from bidm.unet import AttnBlock, DDIMUNet, ResnetBlock, tiny_unet_config
+from bidm.unet import AttnBlock, DDIMUNet, ResnetBlock, Upsample, tiny_unet_config
 
 needs_c = pytest.mark.skipif(kernels.library() is None, reason="no C compiler")
 CL = torch.channels_last
@@ -139,24 +139,65 @@ def test_packed_unet_reads_skip_concatenations_as_pairs(method, monkeypatch):
 
 @needs_c
 @pytest.mark.parametrize("method", ["bidm", "xnor"])
-def test_time_embedding_add_in_the_epilogue_is_the_same_to_the_bit(method, monkeypatch):
+def test_fused_blocks_equal_the_plain_blocks(method, monkeypatch):
+    """Time embedding in conv1's epilogue, the 1x1 skip GEMM added into conv2's output, the upsample conv on the
+    packed words: the plain forward's output up to float rounding (the skip GEMM sums in another order)."""
     model = perturbed_student(method, seed=6)
     pack_(model)
     blocks = [m for m in model.modules() if isinstance(m, ResnetBlock)]
     assert blocks and all(type(m) is PackedResnetBlock for m in blocks)
+    assert [type(level.upsample) for level in model.up[1:]] == [PackedUpsample] * (len(model.up) - 1)
     x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7)), torch.tensor([20, 700])
     with torch.no_grad():
         fused = model(x, t)
         monkeypatch.setenv("BIDM_FUSED_BLOCK", "0")
         plain = model(x, t)
-        monkeypatch.setenv("BIDM_PREPARED", "0")  # the general C call takes the row bias too
+        monkeypatch.setenv("BIDM_PREPARED", "0")  # the general C calls: plain blocks
         general = model(x, t)
-        monkeypatch.setenv("BIDM_FUSED_BLOCK", "1")
-        general_fused = model(x, t)
-    assert torch.equal(fused, plain)
-    assert torch.equal(general, general_fused)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(general, plain, rtol=1e-4, atol=1e-5)
     blob = copy.deepcopy(model)  # the swapped classes survive a copy
     assert type(blob.down[0].block[0]) is PackedResnetBlock
+
+
+@needs_c
+@pytest.mark.parametrize("method", ["bidm", "xnor"])
+def test_time_embedding_add_in_the_epilogue_is_the_same_to_the_bit(method):
+    block = perturbed_student(method, seed=10).down[0].block[0]  # no 1x1 skip: every other float is the same
+    assert not hasattr(block, "nin_shortcut")
+    pack_(block)
+    assert type(block) is PackedResnetBlock
+    gen = torch.Generator().manual_seed(11)
+    x, temb = cl(2, block.conv1.in_channels, 6, 6, gen=gen), torch.randn(2, block.temb_proj.in_features, generator=gen)
+    with torch.no_grad():
+        fused = block(x, temb)
+        plain = ResnetBlock.forward(block, x, temb)
+    assert torch.equal(fused, plain)
+
+
+@needs_c
+@pytest.mark.parametrize("method", ["bidm", "xnor"])
+def test_upsample_conv_on_packed_words_is_the_same_to_the_bit(method):
+    up = perturbed_student(method, seed=12).up[1].upsample
+    pack_(up)
+    assert type(up) is PackedUpsample
+    x = cl(3, up.conv.in_channels, 5, 4, gen=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        fused, plain = up(x), Upsample.forward(up, x)
+    assert kernels.is_channels_last(fused) and torch.equal(fused, plain)
+
+
+def test_skip_gemm_accumulates_into_an_output():
+    gen = torch.Generator().manual_seed(14)
+    plain, packed = conv1x1(24, 8, True, gen)
+    a, b = cl(2, 8, 3, 3, gen=gen), cl(2, 16, 3, 3, gen=gen)
+    y = cl(2, 8, 3, 3, gen=gen)
+    with torch.no_grad():
+        expected = y + plain(torch.cat([a, b], 1)) - plain.bias[:, None, None]
+        assert packed.accumulate_(y, ChannelPair(a, b))
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        nchw = torch.zeros(2, 8, 3, 3)
+        assert not packed.accumulate_(nchw, ChannelPair(a, b)) and not nchw.any()  # untouched where it declines
 
 
 def test_blocks_of_methods_without_a_fused_conv_keep_the_plain_forward():

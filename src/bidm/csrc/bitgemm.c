@@ -44,7 +44,7 @@
 #define BIDM_AVX512 0
 #endif
 
-#define BIDM_ABI_VERSION 5
+#define BIDM_ABI_VERSION 6
 #define NR 8  /* output channels per panel (two 4x64-bit AVX2 lanes, one 8x64-bit AVX-512 lane) */
 /* AVX2 without AVX-512 VPOPCNTDQ: the popcount is the nibble-LUT method (vpshufb on pre-split nibble words, the
  * default) or, with -DBIDM_HARLEY_SEAL=1, Harley-Seal carry-save accumulation on whole words (one pixel per call:
@@ -414,7 +414,9 @@ DEFINE_MICRO_SCALAR(micro_and, &)
  *   y[b, o, p] = (((d * alpha[o]) * K[b, p] + bias[o]) + res_scale * res[b, o, p]) + row_bias[b, o]
  * alpha [Cout], bias [Cout], res [B, Cout, Ho, Wo] (res_nhwc 0) or [B, Ho, Wo, Cout] (res_nhwc 1), row_bias
  * [B, Cout]; each may be NULL (factor 1, term 0). row_bias is the time-embedding add that follows conv1 in a UNet
- * ResBlock, in the order the block does it, so fusing it changes no float. K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K map computed in the tile:
+ * ResBlock, in the order the block does it, so fusing it changes no float. res_up = u > 1 (res channels last only):
+ * res is [B, Ho/u, Wo/u, Cout] and res[b, o, p] reads its pixel (oh/u, ow/u), the nearest-upsampled residual of a
+ * UNet Upsample conv, which is then never made. K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K map computed in the tile:
  *   K[b, p] = sum over in-bounds taps t of kweight[t] * kmean[b, ih(p, t), iw(p, t)] + kbias
  * (XNOR/BiDM's 1-channel conv of mean_c|x| [B, H, W], same kernel, stride and zero padding as the binary conv);
  * else 1.
@@ -424,17 +426,19 @@ typedef struct {
     float res_scale, kbias;
     int32_t res_nhwc, out_nhwc;
     const float *row_bias;
+    int32_t res_up, pad_;
 } bidm_epilogue;
 
 /* One output pixel m (NCHW offset of its channel 0: nchw0) of a micro-tile: the dots v[0 .. nj-1] of channels
- * o0 .. o0+nj-1, through the epilogue (row_bias: e->row_bias + b * Cout for the pixel's sample b, or NULL) (AVX2: one 8-float vector per pixel; the same float operations). */
+ * o0 .. o0+nj-1, through the epilogue (row_bias: e->row_bias + b * Cout for the pixel's sample b, or NULL; res_px:
+ * the offset of the pixel's channel 0 in e->res) (AVX2: one 8-float vector per pixel; the same float operations). */
 static inline void write_pixel(const bidm_epilogue *e, int64_t m, int64_t nchw0, int64_t HWo, int64_t Cout,
                                int64_t o0, int64_t nj, const int32_t *v, float km, const float *row_bias,
-                               float *y) {
+                               int64_t res_px, float *y) {
     const int64_t nchw = nchw0 + o0 * HWo, nhwc = m * Cout + o0;
     const int64_t ostride = e->out_nhwc ? 1 : HWo, rstride = e->res_nhwc ? 1 : HWo;
     float *yo = y + (e->out_nhwc ? nhwc : nchw);
-    const float *ro = e->res ? e->res + (e->res_nhwc ? nhwc : nchw) : NULL;
+    const float *ro = e->res ? e->res + res_px + o0 * rstride : NULL;
     const float *rb = row_bias ? row_bias + o0 : NULL; /* this pixel's sample's row of e->row_bias */
 #if defined(__AVX2__)
     if (nj == 8 && NR == 8) {
@@ -485,8 +489,10 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
     }
     const int64_t ntile = (M + mc - 1) / mc;
     int status = 0;
-    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, 0.0f, 0, 0, NULL};
+    const bidm_epilogue plain = {NULL, NULL, NULL, NULL, NULL, NULL, 0.0f, 0.0f, 0, 0, NULL, 1, 0};
     const bidm_epilogue e = epi ? *epi : plain;
+    const int64_t up = e.res_up > 1 ? e.res_up : 1;
+    if (up > 1 && (!e.res || !e.res_nhwc || Ho % up || Wo % up)) return -3;
     (void)nthreads;
 
 #pragma omp parallel num_threads(nthreads) if (ntile > 1)
@@ -498,8 +504,9 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         int32_t *popa = (int32_t *)malloc((size_t)(mc + MR) * sizeof(int32_t));
         int64_t *pix = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* NCHW offset of (b, 0, oh, ow) */
         int64_t *bix = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* sample b of the pixel */
+        int64_t *rof = (int64_t *)malloc((size_t)(mc + MR) * sizeof(int64_t)); /* its channel 0 in e.res */
         float *kv = (float *)malloc((size_t)(mc + MR) * sizeof(float));          /* K map value per pixel */
-        const int ok = raw && split && padmask && popa && pix && bix && kv;
+        const int ok = raw && split && padmask && popa && pix && bix && rof && kv;
         if (!ok) {
 #pragma omp atomic write
             status = -2;
@@ -534,6 +541,9 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                 const int interior = ih0 >= 0 && ih0 + kh <= H && iw0 >= 0 && iw0 + kw <= W;
                 pix[i] = b * Cout * HWo + r;
                 bix[i] = b;
+                rof[i] = !e.res_nhwc ? pix[i]
+                         : up > 1    ? ((b * (Ho / up) + oh / up) * (Wo / up) + ow / up) * Cout
+                                     : m * Cout;
                 if (e.kmean) {
                     float k = 0.0f;
                     if (interior) {
@@ -642,7 +652,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
                     }
                     for (int64_t i = 0; i < MR && i0 + i < nm; i++)
                         write_pixel(&e, m0 + i0 + i, pix[i0 + i], HWo, Cout, pb * NR, nj, v[i], kv[i0 + i],
-                                    e.row_bias ? e.row_bias + bix[i0 + i] * Cout : NULL, y);
+                                    e.row_bias ? e.row_bias + bix[i0 + i] * Cout : NULL, rof[i0 + i], y);
                 }
         }
         free(raw);
@@ -651,6 +661,7 @@ int bidm_conv2d(const uint64_t *a, int64_t B, int64_t H, int64_t W, int64_t Cin,
         free(popa);
         free(pix);
         free(bix);
+        free(rof);
         free(kv);
     }
     return status;

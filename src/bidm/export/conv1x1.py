@@ -51,13 +51,14 @@ class PackedConv1x1(nn.Conv2d):
             cache = self.__dict__["_gemm_weight"] = (key, wt)
         return cache[1]
 
-    def _gemm(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _gemm(self, parts: tuple[torch.Tensor, ...], into: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(cat(parts))``, or with ``into`` (channels last): ``into += conv(cat(parts)) - bias`` in place."""
         b, _, h, w = parts[0].shape
-        y = torch.empty(b, h, w, self.out_channels)
+        y = torch.empty(b, h, w, self.out_channels) if into is None else into.permute(0, 2, 3, 1)
         out, wt, c0 = y.view(-1, self.out_channels), self._weight_t(), 0
         for i, part in enumerate(parts):
             rows, w_part = _rows(part), wt[c0 : c0 + part.shape[1]]
-            if i > 0:
+            if i > 0 or into is not None:
                 out.addmm_(rows, w_part)
             elif self.bias is None:
                 torch.mm(rows, w_part, out=out)
@@ -72,6 +73,15 @@ class PackedConv1x1(nn.Conv2d):
         if x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= GEMM_MAX_ROWS and _applies(self, (x,)):
             return self._gemm((x,))
         return super().forward(x)
+
+    def accumulate_(self, y: torch.Tensor, x) -> bool:
+        """``y += conv(x) - bias`` in place, the GEMM adding into ``y`` as it goes (a ResBlock's skip added to its
+        output with no skip tensor and no add pass); False (``y`` untouched) where that does not apply."""
+        parts = tuple(x) if isinstance(x, ChannelPair) else (x,)
+        if not (_applies(self, (y, *parts)) and y.shape[1] == self.out_channels and y.shape[2:] == parts[0].shape[2:]):
+            return False
+        self._gemm(parts, into=y)
+        return True
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -126,19 +126,30 @@ def constants(layer: nn.Module, shift: str | None, with_shortcut: bool) -> dict:
     return cache
 
 
-def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool, row_bias=None):
-    c = constants(layer, shift, with_shortcut)
-    weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
-    if (
+def _prepared(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the prepared C calls (`bidm.export.kernels.PreparedConv`)."""
+    return (
         kernels.backend() == "c"
         and x.dtype == torch.float32
         and kernels.is_channels_last(x)
         and kernels.switch("BIDM_PREPARED")
-    ):
-        plan = c.get("plan")
-        if plan is None or plan.weight is not weight:
-            plan = c["plan"] = kernels.PreparedConv(weight, stride, padding, layer.a_code, c["alpha"], c["bias"],
-                                                    c["shift"], c["k_weight"], c["k_bias"], c["scale"])  # fmt: skip
+    )
+
+
+def _plan(layer: nn.Module, c: dict) -> kernels.PreparedConv:
+    weight, plan = layer.kernel_weight(), c.get("plan")
+    if plan is None or plan.weight is not weight:
+        plan = c["plan"] = kernels.PreparedConv(weight, layer.stride, layer.packed_padding, layer.a_code,
+                                                c["alpha"], c["bias"], c["shift"], c["k_weight"], c["k_bias"],
+                                                c["scale"])  # fmt: skip
+    return plan
+
+
+def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool, row_bias=None):
+    c = constants(layer, shift, with_shortcut)
+    weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
+    if _prepared(x):
+        plan = _plan(layer, c)
         words, mean = plan.pack(x)
         res = shortcut(layer, x, plan.output_size(*x.shape[2:])) if with_shortcut else None
         return plan.gemm(words, mean, res, row_bias)
@@ -148,6 +159,29 @@ def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: b
     epi = kernels.Epilogue(c["alpha"], None, c["bias"], res, c["scale"], mean, c["k_weight"], c["k_bias"],
                            row_bias)  # fmt: skip
     return kernels.binary_conv2d(words, weight, stride, padding, layer.a_code, epilogue=epi, channels_last=True)
+
+
+def upsampled_conv(layer: nn.Module, x: torch.Tensor, u: int) -> torch.Tensor | None:
+    """``layer(nearest_upsample(x, u))`` for a fused XNOR / BiDM conv, without making the upsampled float tensor: the
+    input pass packs ``x`` (u^2 times fewer pixels), its words and mean_c|x| are upsampled (1/32 of the floats'
+    bytes), and the kernel reads BiDM's identity shortcut from ``x`` itself (``res_up``). Same codes, same floats as
+    the upsample-then-conv path. None where that does not apply (another layer or input, a shortcut that is not
+    the identity): the caller upsamples."""
+    fake = getattr(layer, "fake_class", None)
+    if fake not in FUSED or not _prepared(x) or layer.stride != (1, 1):
+        return None
+    with_shortcut = fake is BiDMConv2d
+    sc = layer._modules.get("shortcut") if with_shortcut else None
+    if with_shortcut and (sc is None or sc._modules.get("proj") is not None or sc.stride != 1):
+        return None
+    plan = _plan(layer, constants(layer, "act_shift" if with_shortcut else None, with_shortcut))
+    b, _, h, w = x.shape
+    if plan.output_size(h * u, w * u) != (h * u, w * u):
+        return None
+    words, mean = plan.pack(x)
+    words = kernels.upsample_nearest(words.permute(0, 3, 1, 2), u).permute(0, 2, 3, 1)  # [B, uH, uW, Wc] contiguous
+    mean = kernels.upsample_nearest(mean, u)
+    return plan.gemm(words, mean, x, res_up=u) if with_shortcut else plan.gemm(words, mean, None)
 
 
 def xnor_conv(layer: XnorConv2d, x: torch.Tensor, row_bias=None) -> torch.Tensor:

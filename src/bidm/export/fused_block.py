@@ -1,17 +1,24 @@
-"""A packed UNet ResnetBlock whose time-embedding add goes into its first binary conv's epilogue.
+"""UNet blocks of a packed model that fuse the work around their binary convs.
 
-Without autograd `bidm.unet.ResnetBlock` runs
+`PackedResnetBlock`. Without autograd `bidm.unet.ResnetBlock` runs
 
     h = conv1(silu(norm1(x)));  h += temb_proj(silu(temb))[:, :, None, None]
     h = conv2(silu(norm2(h)));  h += skip                        (skip = nin_shortcut(x), or x)
 
-and each ``+=`` is one more read and write of the block's output. When conv1 takes a fused packed forward
-(`bidm.export.fused`: XNOR, BiDM), `PackedResnetBlock` hands it the time embedding as a per-sample row bias
-(`bidm.export.kernels.Epilogue.row_bias`), added while each tile is written, after the layer's own terms: the
-output is the unfused block's to the bit. The skip add stays a torch pass: added in conv2's epilogue too (tried,
-the kernel reading the skip 8 channels at a time while it sweeps a weight panel) the BiDM step at batch 64 got 2%
-slower (`bench/ab_step.py --switch BIDM_FUSED_BLOCK`, 12 rounds: 0.98x; the row bias alone: 1.03x). Anything else
-(autograd, dropout in training, another method, ``BIDM_FUSED_BLOCK=0``) runs the plain block forward.
+and each ``+=`` is one more read and write of the block's output. When its convs take a fused packed forward
+(`bidm.export.fused`: XNOR, BiDM), conv1's kernel adds the time embedding as a per-sample row bias
+(`bidm.export.kernels.Epilogue.row_bias`) after the layer's own terms, in the block's order (the same floats), and a
+1x1 ``nin_shortcut`` (`bidm.export.conv1x1.PackedConv1x1`) adds its GEMM straight into conv2's output, its bias
+given to conv2's kernel as a row bias: no skip tensor, no add pass (float rounding differs: another summation
+order). An identity skip stays a torch add: added in conv2's epilogue too (tried, the kernel reading the skip 8
+channels at a time while it sweeps a weight panel), the BiDM step at batch 64 got 2% slower (`bench/ab_step.py
+--switch BIDM_FUSED_BLOCK`, 12 rounds: 0.98x).
+
+`PackedUpsample`. ``conv(nearest_upsample(x))`` writes and reads a tensor 4x the size of ``x``; with a fused conv
+it packs ``x`` and upsamples the packed words instead (`bidm.export.fused.upsampled_conv`), the same codes and
+floats.
+
+Anything else (autograd, dropout in training, another method, ``BIDM_FUSED_BLOCK=0``) runs the plain forwards.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bidm.export import fused, kernels
-from bidm.unet import ResnetBlock, norm_silu
+from bidm.unet import ResnetBlock, Upsample, norm_silu
 
 
 def enabled() -> bool:
@@ -42,14 +49,39 @@ class PackedResnetBlock(ResnetBlock):
             h = conv1(self.conv1, a, row_bias=t.to(torch.float32).contiguous())
         else:
             h = self.conv1(a) + t[:, :, None, None]
-        h = self.conv2(norm_silu(self.norm2, h))
-        return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
+        a = norm_silu(self.norm2, h)
+        nin = self._modules.get("nin_shortcut")
+        conv2 = fused.fused_forward(self.conv2, a)
+        if nin is None:
+            return self.conv2(a).add_(x)
+        if getattr(nin, "accumulate_", None) is None or conv2 not in fused.FUSED.values() or nin.bias is None:
+            return self.conv2(a).add_(nin(x))
+        h = conv2(self.conv2, a, row_bias=nin.bias.detach().float().expand(a.shape[0], -1).contiguous())
+        return h if nin.accumulate_(h, x) else h.add_(nin(x) - nin.bias[:, None, None])
+
+
+class PackedUpsample(Upsample):
+    """`bidm.unet.Upsample` (same modules, same state dict) whose conv reads the un-upsampled input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self._modules.get("conv")
+        if conv is not None and not torch.is_grad_enabled() and enabled():
+            y = fused.upsampled_conv(conv, x, 2)
+            if y is not None:
+                return y
+        return super().forward(x)
+
+
+def _has_fused_conv(m: nn.Module, name: str) -> bool:
+    return getattr(m._modules.get(name), "fake_class", None) in fused.FUSED
 
 
 def convert_(model: nn.Module) -> nn.Module:
-    """Make every plain `bidm.unet.ResnetBlock` of ``model`` whose conv1 has a fused forward a `PackedResnetBlock`
-    (in place). Returns ``model``."""
+    """Make every plain `bidm.unet.ResnetBlock` / `bidm.unet.Upsample` of ``model`` whose (first) conv has a fused
+    forward a `PackedResnetBlock` / `PackedUpsample` (in place). Returns ``model``."""
     for m in model.modules():
-        if type(m) is ResnetBlock and getattr(m.conv1, "fake_class", None) in fused.FUSED:
+        if type(m) is ResnetBlock and _has_fused_conv(m, "conv1"):
             m.__class__ = PackedResnetBlock
+        elif type(m) is Upsample and _has_fused_conv(m, "conv"):
+            m.__class__ = PackedUpsample
     return model

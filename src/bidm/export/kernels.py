@@ -42,7 +42,7 @@ from bidm.export import pack
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC / "bitgemm.c", CSRC / "groupnorm.c")  # built into one library
-ABI_VERSION = 5
+ABI_VERSION = 6
 PANEL_WIDTH = 8  # NR of bitgemm.c: output channels per weight panel
 _MODES = {"pm1": 0, "01": 1}
 
@@ -356,7 +356,9 @@ class Epilogue:
 
     ``d`` = the exact integer dot; ``alpha`` / ``bias`` [Cout], ``res`` [B, Cout, Ho, Wo] (NCHW or channels last),
     ``row_bias`` [B, Cout]; None = factor 1 / term 0. ``row_bias`` is the time-embedding add a UNet ResBlock does
-    after its first conv (`bidm.export.fused_block`), in the same order. ``K`` is ``kmap`` [B, 1, Ho, Wo] when
+    after its first conv (`bidm.export.fused_block`), in the same order. With ``res_up`` = u > 1, ``res`` is
+    [B, Cout, Ho/u, Wo/u] channels last and is read nearest-upsampled (a UNet Upsample conv's identity shortcut,
+    `bidm.export.fused.upsampled_conv`). ``K`` is ``kmap`` [B, 1, Ho, Wo] when
     given, else, with ``kmean`` [B, 1, H, W], the 1-channel conv ``k_weight`` [1, 1, kh, kw] (+ ``k_bias``) of
     ``kmean`` with the binary conv's kernel size, stride and zero padding, computed by the kernel per output tile
     (XNOR/BiDM's K map); else 1.
@@ -371,6 +373,7 @@ class Epilogue:
     k_weight: torch.Tensor | None = None
     k_bias: float = 0.0
     row_bias: torch.Tensor | None = None
+    res_up: int = 1
 
     def k_map(self, stride, padding) -> torch.Tensor | None:
         if self.kmap is not None or self.kmean is None:
@@ -389,7 +392,8 @@ class Epilogue:
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         if self.res is not None:
-            y = y + self.res_scale * self.res
+            res = self.res if self.res_up == 1 else upsample_nearest(self.res, self.res_up)
+            y = y + self.res_scale * res
         if self.row_bias is not None:
             y = y + self.row_bias.reshape(y.shape[0], -1, 1, 1)
         return y
@@ -402,6 +406,8 @@ class _CEpilogue(ctypes.Structure):
         ("res_nhwc", ctypes.c_int32),
         ("out_nhwc", ctypes.c_int32),
         ("row_bias", ctypes.c_void_p),
+        ("res_up", ctypes.c_int32),
+        ("pad_", ctypes.c_int32),
     ]
 
 
@@ -431,12 +437,27 @@ def _c_epilogue(epi: Epilogue | None, shape: tuple, in_hw: tuple, kernel: tuple,
     kmean = vec(epi.kmean, b * in_hw[0] * in_hw[1]) if epi.kmap is None else None
     kweight = vec(epi.k_weight, kernel[0] * kernel[1]) if kmean is not None else None
     alpha, bias, kmap = vec(epi.alpha, cout), vec(epi.bias, cout), vec(epi.kmap, b * ho * wo)
-    res, res_nhwc = (None, False) if epi.res is None else _residual(epi.res, shape)
+    u = epi.res_up
+    res, res_nhwc = (None, False) if epi.res is None else _residual(epi.res, (b, cout, ho // u, wo // u))
+    if u > 1 and (res is None or not res_nhwc or ho % u or wo % u):
+        raise ValueError(f"res_up={u} needs a channels-last residual and an output size divisible by it")
     row_bias = vec(epi.row_bias, b * cout)
     keep = [alpha, kmap, bias, res, kmean, kweight]
     c = _CEpilogue(*(t.data_ptr() if t is not None else None for t in keep), float(epi.res_scale), float(epi.k_bias),
-                   int(res_nhwc), int(channels_last), _ptr(row_bias))  # fmt: skip
+                   int(res_nhwc), int(channels_last), _ptr(row_bias), int(u))  # fmt: skip
     return c, keep + [row_bias]
+
+
+def upsample_nearest(t: torch.Tensor, u: int) -> torch.Tensor:
+    """``t`` [B, C, H, W] nearest-upsampled by the integer ``u`` in its own memory format (any dtype: float maps
+    and int64 packed words [B, H, W, Wc] viewed as [B, Wc, H, W] alike), one copy."""
+    b, c, h, w = t.shape
+    nhwc = is_channels_last(t)
+    src = t.permute(0, 2, 3, 1) if nhwc else t  # [B, H, W, C] or [B, C, H, W] memory
+    if nhwc:
+        out = src[:, :, None, :, None, :].expand(b, h, u, w, u, c).reshape(b, h * u, w * u, c)
+        return out.permute(0, 3, 1, 2)
+    return src[:, :, :, None, :, None].expand(b, c, h, u, w, u).reshape(b, c, h * u, w * u)
 
 
 def conv_output_size(h: int, w: int, kernel_size, stride, padding) -> tuple[int, int]:
@@ -523,9 +544,9 @@ class PreparedConv:
         return conv_output_size(h, w, self.weight.kernel_size, self.stride, self.padding)
 
     def gemm(self, words: torch.Tensor, mean: torch.Tensor, res: torch.Tensor | None,
-             row_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """The popcount conv with the epilogue (alpha, K map of ``mean``, bias, ``scale * res``, then ``row_bias``
-        [B, Cout], see `Epilogue`), channels last."""
+             row_bias: torch.Tensor | None = None, res_up: int = 1) -> torch.Tensor:  # fmt: skip
+        """The popcount conv with the epilogue (alpha, K map of ``mean``, bias, ``scale * res`` (read
+        nearest-upsampled by ``res_up``), then ``row_bias`` [B, Cout], see `Epilogue`), channels last."""
         b, h, w, _ = words.shape
         ho, wo = self.output_size(h, w)
         cout = self.weight.cout
@@ -533,11 +554,15 @@ class PreparedConv:
         epi = self._epi
         epi.kmean = mean.data_ptr() if self._has_k else None
         if res is not None:
-            if not (res.dtype == torch.float32 and is_channels_last(res) and res.shape == y.shape):
-                res = _residual(res, (b, cout, ho, wo))[0]
+            shape = (b, cout, ho // res_up, wo // res_up)
+            if not (res.dtype == torch.float32 and is_channels_last(res) and res.shape == shape):
+                res = _residual(res, shape)[0]
             epi.res, epi.res_nhwc = res.data_ptr(), int(is_channels_last(res))
         else:
             epi.res = None
+        if res_up != 1 and (res is None or not epi.res_nhwc or ho % res_up or wo % res_up):
+            raise ValueError(f"res_up={res_up} needs a channels-last residual and an output size divisible by it")
+        epi.res_up = res_up
         if row_bias is not None:
             if row_bias.dtype != torch.float32 or not row_bias.is_contiguous() or row_bias.numel() != b * cout:
                 raise ValueError(f"row_bias must be float32 contiguous [{b}, {cout}], got {tuple(row_bias.shape)}")
