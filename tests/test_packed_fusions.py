@@ -123,7 +123,7 @@ def test_packed_unet_reads_skip_concatenations_as_pairs(method, monkeypatch):
     def record(module, args):
         seen.append(isinstance(args[0], ChannelPair))
 
-    handles = [b.norm1.register_forward_pre_hook(record) for b in pair_blocks]
+    handles = [b.register_forward_pre_hook(record) for b in pair_blocks]
     x, t = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([5, 500, 990])
     with torch.no_grad():
         paired = model(x, t)
@@ -194,10 +194,12 @@ def test_skip_gemm_accumulates_into_an_output():
     y = cl(2, 8, 3, 3, gen=gen)
     with torch.no_grad():
         expected = y + plain(torch.cat([a, b], 1)) - plain.bias[:, None, None]
-        assert packed.accumulate_(y, ChannelPair(a, b))
+        assert packed.can_accumulate(ChannelPair(a, b)) and packed.accumulate_(y, ChannelPair(a, b)) is y
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-        nchw = torch.zeros(2, 8, 3, 3)
-        assert not packed.accumulate_(nchw, ChannelPair(a, b)) and not nchw.any()  # untouched where it declines
+        nchw = torch.zeros(2, 8, 3, 3)  # torch's conv where the GEMM does not apply: the same sum
+        packed.accumulate_(nchw, ChannelPair(a, b))
+        torch.testing.assert_close(nchw, plain(torch.cat([a, b], 1)) - plain.bias[:, None, None], rtol=1e-5, atol=1e-5)
+        assert not packed.can_accumulate(a.contiguous())  # NCHW
 
 
 def test_blocks_of_methods_without_a_fused_conv_keep_the_plain_forward():

@@ -119,46 +119,55 @@ static inline uint64_t code_bit(float v, int mode) { return mode ? (uint64_t)(v 
  * x is [B, C, HW] (nhwc = 0, NCHW) or [B, HW, C] (nhwc = 1, channels last); shift [C] or NULL (= 0).
  * out: [B, HW, Wc] (channels packed per pixel). */
 
+/* One pixel's row of C floats -> its Wc words (and mean_c |x| when absmean). */
+static inline void pack_row(const float *row, int64_t C, const float *shift, int mode, uint64_t *dst,
+                            float *absmean) {
+    const int64_t Wc = (C + 63) / 64;
+    float abs_sum = 0.0f;
+    for (int64_t k = 0; k < Wc; k++) {
+        const int64_t c0 = k * 64, n = (C - c0 < 64) ? C - c0 : 64;
+        uint64_t word = 0;
+        int64_t b = 0;
+#if defined(__AVX2__)
+        const __m256 zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
+        const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 acc = zero;
+        for (; b + 8 <= n; b += 8) {
+            const __m256 v = _mm256_loadu_ps(row + c0 + b);
+            const __m256 u = shift ? _mm256_add_ps(v, _mm256_loadu_ps(shift + c0 + b)) : v;
+            const __m256 bit = mode ? _mm256_cmp_ps(u, half, _CMP_GT_OQ) : _mm256_cmp_ps(u, zero, _CMP_LT_OQ);
+            word |= (uint64_t)(unsigned)_mm256_movemask_ps(bit) << b;
+            acc = _mm256_add_ps(acc, _mm256_and_ps(v, nosign));
+        }
+        if (absmean) {
+            float lanes[8];
+            _mm256_storeu_ps(lanes, acc);
+            for (int l = 0; l < 8; l++) abs_sum += lanes[l];
+        }
+#endif
+        for (; b < n; b++) {
+            const float v = row[c0 + b], u = shift ? v + shift[c0 + b] : v;
+            word |= code_bit(u, mode) << b;
+            abs_sum += v < 0 ? -v : v;
+        }
+        dst[k] = word;
+    }
+    if (absmean) *absmean = abs_sum * (1.0f / (float)C);
+}
+
+/* Rows p = 0..P-1 of x [P, C] packed serially (the fused GroupNorm's third pass, groupnorm.c). */
+void bidm_pack_rows(const float *x, int64_t P, int64_t C, const float *shift, int mode, uint64_t *out,
+                    float *absmean) {
+    const int64_t Wc = (C + 63) / 64;
+    for (int64_t m = 0; m < P; m++) pack_row(x + m * C, C, shift, mode, out + m * Wc, absmean ? absmean + m : NULL);
+}
+
 static void pack_pixels_nhwc(const float *x, int64_t P, int64_t C, const float *shift, int mode, uint64_t *out,
                              float *absmean, int nthreads) {
     const int64_t Wc = (C + 63) / 64;
-    const float inv_c = 1.0f / (float)C;
     (void)nthreads;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P * C > 65536)
-    for (int64_t m = 0; m < P; m++) {
-        const float *row = x + m * C;
-        uint64_t *dst = out + m * Wc;
-        float abs_sum = 0.0f;
-        for (int64_t k = 0; k < Wc; k++) {
-            const int64_t c0 = k * 64, n = (C - c0 < 64) ? C - c0 : 64;
-            uint64_t word = 0;
-            int64_t b = 0;
-#if defined(__AVX2__)
-            const __m256 zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
-            const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-            __m256 acc = zero;
-            for (; b + 8 <= n; b += 8) {
-                const __m256 v = _mm256_loadu_ps(row + c0 + b);
-                const __m256 u = shift ? _mm256_add_ps(v, _mm256_loadu_ps(shift + c0 + b)) : v;
-                const __m256 bit = mode ? _mm256_cmp_ps(u, half, _CMP_GT_OQ) : _mm256_cmp_ps(u, zero, _CMP_LT_OQ);
-                word |= (uint64_t)(unsigned)_mm256_movemask_ps(bit) << b;
-                acc = _mm256_add_ps(acc, _mm256_and_ps(v, nosign));
-            }
-            if (absmean) {
-                float lanes[8];
-                _mm256_storeu_ps(lanes, acc);
-                for (int l = 0; l < 8; l++) abs_sum += lanes[l];
-            }
-#endif
-            for (; b < n; b++) {
-                const float v = row[c0 + b], u = shift ? v + shift[c0 + b] : v;
-                word |= code_bit(u, mode) << b;
-                abs_sum += v < 0 ? -v : v;
-            }
-            dst[k] = word;
-        }
-        if (absmean) absmean[m] = abs_sum * inv_c;
-    }
+    for (int64_t m = 0; m < P; m++) pack_row(x + m * C, C, shift, mode, out + m * Wc, absmean ? absmean + m : NULL);
 }
 
 static void pack_pixels_nchw(const float *x, int64_t B, int64_t C, int64_t HW, const float *shift, int mode,

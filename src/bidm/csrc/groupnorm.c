@@ -198,7 +198,16 @@ static void normalize_rows(const float *x, int64_t P, int64_t C, const float *sc
 typedef struct {
     const float *x1, *x2;
     int64_t C1, C2, HW;
+    const float *pshift; /* the fused input pass of the binary conv that reads y (words != NULL), bitgemm.c */
+    int pmode;
+    uint64_t *words;
+    float *absmean;
 } gn_parts;
+
+void bidm_pack_rows(const float *x, int64_t P, int64_t C, const float *shift, int mode, uint64_t *out,
+                    float *absmean);
+
+#define PACK_BLOCK 32 /* pixels normalised, then packed while they are in L1 */
 
 static void parts_sums(const gn_parts *in, int64_t b, int64_t p0, int64_t np, double *s) {
     const int64_t C = in->C1 + in->C2;
@@ -208,12 +217,15 @@ static void parts_sums(const gn_parts *in, int64_t b, int64_t p0, int64_t np, do
 
 static void parts_normalize(const gn_parts *in, int64_t b, int64_t p0, int64_t np, const float *a, int silu,
                             float *y) {
-    const int64_t C = in->C1 + in->C2;
-    float *dst = y + (b * in->HW + p0) * C;
-    normalize_rows(in->x1 + (b * in->HW + p0) * in->C1, np, in->C1, a, a + C, silu, dst, C);
-    if (in->C2)
-        normalize_rows(in->x2 + (b * in->HW + p0) * in->C2, np, in->C2, a + in->C1, a + C + in->C1, silu,
-                       dst + in->C1, C);
+    const int64_t C = in->C1 + in->C2, Wc = (C + 63) / 64;
+    for (int64_t q0 = p0; q0 < p0 + np; q0 += PACK_BLOCK) {
+        const int64_t nq = p0 + np - q0 < PACK_BLOCK ? p0 + np - q0 : PACK_BLOCK, m = b * in->HW + q0;
+        float *dst = y + m * C;
+        normalize_rows(in->x1 + m * in->C1, nq, in->C1, a, a + C, silu, dst, C);
+        if (in->C2) normalize_rows(in->x2 + m * in->C2, nq, in->C2, a + in->C1, a + C + in->C1, silu, dst + in->C1, C);
+        if (in->words)
+            bidm_pack_rows(dst, nq, C, in->pshift, in->pmode, in->words + m * Wc, in->absmean ? in->absmean + m : NULL);
+    }
 }
 
 /* Task ``task`` of the split path: sample b, pixels [p0, p0 + np). */
@@ -226,15 +238,17 @@ static inline void chunk_of(int64_t task, int64_t split, int64_t chunk, int64_t 
 
 /* GroupNorm (+ SiLU) of the channel concatenation [x1, x2]: x1 [B, HW, C1], x2 [B, HW, C2] (C2 = 0: x2 unused),
  * y [B, HW, C1 + C2], all float32 channels last; gamma, beta: [C1 + C2] or NULL. Groups may straddle the two parts
- * (the statistics are per-channel sums first). Returns 0, or -1 when (C1 + C2) % G != 0 or an allocation fails
- * (y untouched). */
+ * (the statistics are per-channel sums first). With words != NULL, y is also packed as the binary conv that reads it
+ * would pack it (bidm_pack_input of bitgemm.c: bits of y + pshift, mode pmode, into words [B, HW, Wc]; mean_c |y|
+ * into absmean [B, HW] when not NULL), each block of pixels right after it is written: the same words, one read of
+ * y less. Returns 0, or -1 when (C1 + C2) % G != 0 or an allocation fails (y untouched). */
 int bidm_group_norm_cat_nhwc(const float *x1, int64_t C1, const float *x2, int64_t C2, int64_t B, int64_t HW,
                              int64_t G, const float *gamma, const float *beta, float eps, int silu, float *y,
-                             int nthreads) {
+                             int nthreads, const float *pshift, int pmode, uint64_t *words, float *absmean) {
     const int64_t C = C1 + C2;
     if (G <= 0 || C % G != 0) return -1;
     if (nthreads < 1) nthreads = 1;
-    const gn_parts in = {x1, x2, C1, C2, HW};
+    const gn_parts in = {x1, x2, C1, C2, HW, pshift, pmode, words, absmean};
     int64_t split = B >= nthreads || HW * C < 65536 ? 1 : (nthreads + B - 1) / B; /* small images: no split */
     if (split > HW) split = HW;
     if (split > GN_MAX_SPLIT) split = GN_MAX_SPLIT;

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bidm.export import kernels
 from bidm.export.skip_concat import ChannelPair
@@ -74,14 +75,19 @@ class PackedConv1x1(nn.Conv2d):
             return self._gemm((x,))
         return super().forward(x)
 
-    def accumulate_(self, y: torch.Tensor, x) -> bool:
-        """``y += conv(x) - bias`` in place, the GEMM adding into ``y`` as it goes (a ResBlock's skip added to its
-        output with no skip tensor and no add pass); False (``y`` untouched) where that does not apply."""
+    def can_accumulate(self, x) -> bool:
+        """Whether `accumulate_` runs its GEMM on ``x`` (channels-last float32, no autograd)."""
+        return _applies(self, tuple(x) if isinstance(x, ChannelPair) else (x,))
+
+    def accumulate_(self, y: torch.Tensor, x) -> torch.Tensor:
+        """``y += conv(x) - bias`` in place and returns ``y``: with `can_accumulate` and a channels-last ``y`` the GEMM
+        adds into ``y`` as it goes (a ResBlock's skip added to its output with no skip tensor and no add pass), else
+        torch's conv and an add."""
         parts = tuple(x) if isinstance(x, ChannelPair) else (x,)
-        if not (_applies(self, (y, *parts)) and y.shape[1] == self.out_channels and y.shape[2:] == parts[0].shape[2:]):
-            return False
-        self._gemm(parts, into=y)
-        return True
+        if _applies(self, (y, *parts)) and y.shape[1] == self.out_channels and y.shape[2:] == parts[0].shape[2:]:
+            self._gemm(parts, into=y)
+            return y
+        return y.add_(F.conv2d(x.cat() if isinstance(x, ChannelPair) else x, self.weight))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -38,6 +38,7 @@ import torch.nn as nn
 from bidm.binarize.bidm import BiDMConv2d, BiDMLinear
 from bidm.binarize.xnor import XnorConv2d, XnorLinear
 from bidm.export import kernels
+from bidm.export import norm as packed_norm
 
 
 def enabled() -> bool:
@@ -182,6 +183,25 @@ def upsampled_conv(layer: nn.Module, x: torch.Tensor, u: int) -> torch.Tensor | 
     words = kernels.upsample_nearest(words.permute(0, 3, 1, 2), u).permute(0, 2, 3, 1)  # [B, uH, uW, Wc] contiguous
     mean = kernels.upsample_nearest(mean, u)
     return plan.gemm(words, mean, x, res_up=u) if with_shortcut else plan.gemm(words, mean, None)
+
+
+def norm_conv(layer: nn.Module, norm: nn.Module, x, row_bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``layer(silu(norm(x)))`` (then ``+ row_bias[:, :, None, None]``) for a fused XNOR / BiDM conv after a packed
+    GroupNorm, its input pass made inside the norm's pass (`bidm.export.norm.group_norm_packed`): the same codes and
+    floats as the norm, then the conv, with one read of the norm's output less. ``x``: a tensor or a
+    `bidm.export.skip_concat.ChannelPair`. None where that does not apply (the caller runs the two)."""
+    fake = getattr(layer, "fake_class", None)
+    parts = (x,) if torch.is_tensor(x) else tuple(x)
+    if fake not in FUSED or not getattr(norm, "takes_pairs", False) or not enabled() or not all(map(_prepared, parts)):
+        return None
+    with_shortcut = fake is BiDMConv2d
+    plan = _plan(layer, constants(layer, "act_shift" if with_shortcut else None, with_shortcut))
+    out = packed_norm.group_norm_packed(x, norm, True, plan)
+    if out is None:
+        return None
+    a, words, mean = out
+    res = shortcut(layer, a, plan.output_size(*a.shape[2:])) if with_shortcut else None
+    return plan.gemm(words, mean, res, row_bias)
 
 
 def xnor_conv(layer: XnorConv2d, x: torch.Tensor, row_bias=None) -> torch.Tensor:

@@ -42,22 +42,25 @@ class PackedResnetBlock(ResnetBlock):
         dropout_live = self.dropout.training and self.dropout.p > 0
         if torch.is_grad_enabled() or dropout_live or not enabled():
             return super().forward(x, temb)
-        a = norm_silu(self.norm1, x)
         t = self.temb_proj(F.silu(temb))
-        conv1 = fused.fused_forward(self.conv1, a)
-        if conv1 in fused.FUSED.values() and a.dtype == torch.float32:
-            h = conv1(self.conv1, a, row_bias=t.to(torch.float32).contiguous())
-        else:
-            h = self.conv1(a) + t[:, :, None, None]
-        a = norm_silu(self.norm2, h)
+        h = fused.norm_conv(self.conv1, self.norm1, x, row_bias=t.to(torch.float32).contiguous())
+        if h is None:
+            h = self.conv1(norm_silu(self.norm1, x)) + t[:, :, None, None]
         nin = self._modules.get("nin_shortcut")
-        conv2 = fused.fused_forward(self.conv2, a)
         if nin is None:
-            return self.conv2(a).add_(x)
-        if getattr(nin, "accumulate_", None) is None or conv2 not in fused.FUSED.values() or nin.bias is None:
-            return self.conv2(a).add_(nin(x))
-        h = conv2(self.conv2, a, row_bias=nin.bias.detach().float().expand(a.shape[0], -1).contiguous())
-        return h if nin.accumulate_(h, x) else h.add_(nin(x) - nin.bias[:, None, None])
+            return self._conv2(h).add_(x)
+        if not (getattr(nin, "can_accumulate", None) and nin.bias is not None and nin.can_accumulate(x)):
+            return self._conv2(h).add_(nin(x))  # the plain block's floats (the generic NCHW path, autograd)
+        y = self._conv2(h, row_bias=nin.bias.detach().float().expand(h.shape[0], -1).contiguous())
+        return nin.accumulate_(y, x)
+
+    def _conv2(self, h: torch.Tensor, row_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv2(silu(norm2(h)))`` (then ``+ row_bias``), fused where it can be."""
+        y = fused.norm_conv(self.conv2, self.norm2, h, row_bias=row_bias)
+        if y is not None:
+            return y
+        y = self.conv2(norm_silu(self.norm2, h))
+        return y if row_bias is None else y + row_bias[:, :, None, None]
 
 
 class PackedUpsample(Upsample):

@@ -171,7 +171,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bidm_conv2d.argtypes += [cint, ptr, cint, ctypes.POINTER(_CEpilogue)]
     lib.bidm_conv2d.restype = cint
     lib.bidm_group_norm_cat_nhwc.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, cint, ptr,
-                                             cint]  # fmt: skip
+                                             cint, ptr, cint, ptr, ptr]  # fmt: skip
     lib.bidm_group_norm_cat_nhwc.restype = cint
     lib.bidm_set_pixel_major_bytes.argtypes = [i64]
     lib.bidm_set_pixel_major_bytes.restype = i64
@@ -530,6 +530,11 @@ class PreparedConv:
         kw_ptr = None if k_weight is None else k_weight.data_ptr()
         ptrs = [None if t is None else t.data_ptr() for t in (alpha, None, bias, None, None)] + [kw_ptr]
         self._epi = _CEpilogue(*ptrs, float(scale), float(k_bias), 0, 1)
+
+    @property
+    def shift_ptr(self) -> int | None:
+        """The input threshold's float32 data (None: no threshold), for a pass that packs for this conv."""
+        return self._shift or None
 
     def pack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed codes of ``x + shift`` and mean_c|x| (``x``: float32, channels last)."""

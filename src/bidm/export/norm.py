@@ -57,20 +57,36 @@ def _affine(norm: nn.GroupNorm) -> tuple[int | None, int | None]:
     return cache[2]
 
 
-def _kernel(parts: tuple[torch.Tensor, ...], norm: nn.GroupNorm, silu: bool) -> torch.Tensor:
-    """The compiled kernel on one channels-last tensor or on the two halves of a concatenation."""
+def group_norm_packed(x: torch.Tensor | ChannelPair, norm: nn.GroupNorm, silu: bool, plan: kernels.PreparedConv):
+    """``(y, words, mean)``: ``y = norm(x)`` (+ SiLU) as `group_norm` gives it, and the binary conv ``plan``'s input
+    pass of ``y`` (its packed codes and mean_c|y|, as ``plan.pack(y)``), made in the norm's pass over ``y`` while
+    each block of pixels is in cache; None where the kernel does not apply."""
+    parts = tuple(x) if isinstance(x, ChannelPair) else (x,)
+    if not all(_kernel_applies(t, norm.weight) for t in parts):
+        return None
+    return _kernel(parts, norm, silu, plan)
+
+
+def _kernel(parts: tuple[torch.Tensor, ...], norm: nn.GroupNorm, silu: bool, plan=None):
+    """The compiled kernel on one channels-last tensor or on the two halves of a concatenation (with ``plan``:
+    also its packed input, `group_norm_packed`)."""
     (b, c1, h, w), c2 = parts[0].shape, sum(t.shape[1] for t in parts[1:])
     y = torch.empty(b, c1 + c2, h, w, memory_format=torch.channels_last)
     weight, bias = _affine(norm)
     second = parts[1].data_ptr() if len(parts) > 1 else None
+    words = mean = None
+    if plan is not None:
+        words = torch.empty(b, h, w, plan.wc, dtype=torch.int64)
+        mean = torch.empty(b, 1, h, w, dtype=torch.float32)
     status = kernels.library().bidm_group_norm_cat_nhwc(
         parts[0].data_ptr(), c1, second, c2, b, h * w, norm.num_groups, weight, bias, norm.eps, int(silu),
-        y.data_ptr(), torch.get_num_threads(),
+        y.data_ptr(), torch.get_num_threads(), plan.shift_ptr if plan else None, plan.mode if plan else 0,
+        words.data_ptr() if plan else None, mean.data_ptr() if plan else None,
     )  # fmt: skip
     if status != 0:
         shape = (b, c1 + c2, h, w)
         raise RuntimeError(f"bidm_group_norm_cat_nhwc failed on {shape} with {norm.num_groups} groups")
-    return y
+    return y if plan is None else (y, words, mean)
 
 
 class PackedGroupNorm(nn.GroupNorm):

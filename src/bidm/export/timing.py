@@ -4,7 +4,8 @@ everything else (FP layers, norms, attention, ...). Used by ``bench/kernel.py``.
 Fused layers (`bidm.export.fused`) count their input pass (threshold + sign + pack + mean|x|) under ``pack``, the
 kernel with its epilogue (alpha, K map, bias, shortcut add) under ``popcount gemm``, and the shortcut's pool / FP
 1x1 conv under ``shortcut (FP)``; generic layers count ``sign`` (quantize_input) and ``postprocess`` separately.
-The GroupNorms of `bidm.export.norm` (with the SiLU they fuse) count under ``groupnorm (+SiLU)``."""
+The GroupNorms of `bidm.export.norm` (with the SiLU they fuse) count under ``groupnorm (+SiLU)``, and those that
+also make the next binary conv's input pass (`bidm.export.fused.norm_conv`) under ``groupnorm (+SiLU) + pack``."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _instrumented(model: nn.Module, acc: dict):
     patched_fns = {"pack_activation": "pack", "pack_input": "pack", "binary_conv2d": "popcount gemm"}
     saved = {name: getattr(kernels, name) for name in patched_fns}
     saved_fused = {name: getattr(fused, name) for name in ("shortcut",)}
-    saved_norm = norm.group_norm
+    saved_norm, saved_norm_packed = norm.group_norm, norm.group_norm_packed
     prepared = {"pack": "pack", "gemm": "popcount gemm"}  # the fused layers' prepared calls (PreparedConv)
     saved_prepared = {name: getattr(kernels.PreparedConv, name) for name in prepared}
     layers = [m for m in model.modules() if is_packed(m)]
@@ -46,6 +47,7 @@ def _instrumented(model: nn.Module, acc: dict):
         for name, fn in saved_fused.items():
             setattr(fused, name, _timed(fn, "shortcut (FP)", acc))
         norm.group_norm = _timed(saved_norm, "groupnorm (+SiLU)", acc)
+        norm.group_norm_packed = _timed(saved_norm_packed, "groupnorm (+SiLU) + pack", acc)
         for name, bucket in prepared.items():
             setattr(kernels.PreparedConv, name, _timed(saved_prepared[name], bucket, acc))
         for m in layers:
@@ -57,7 +59,7 @@ def _instrumented(model: nn.Module, acc: dict):
             setattr(kernels, name, saved[name])
         for name, fn in saved_fused.items():
             setattr(fused, name, fn)
-        norm.group_norm = saved_norm
+        norm.group_norm, norm.group_norm_packed = saved_norm, saved_norm_packed
         for name, fn in saved_prepared.items():
             setattr(kernels.PreparedConv, name, fn)
         for m in layers:
