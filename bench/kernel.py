@@ -103,7 +103,8 @@ def conv_shapes(cfg: UNetConfig) -> list[dict]:
 
 def bench_conv(shape: dict, batch: int, reps: int) -> dict:
     """FP32 ``F.conv2d(x, w, b)`` against the fused packed conv on the same FP input: input pass (threshold, sign,
-    pack, mean|x|) + popcount GEMM with its epilogue (alpha, K map, bias), as a BiDM/XNOR layer runs it."""
+    pack, mean|x|) + popcount GEMM with its epilogue (alpha, K map, bias), through the prepared C calls
+    (`bidm.export.kernels.PreparedConv`) a packed BiDM/XNOR layer runs."""
     gen = torch.Generator().manual_seed(0)
     cin, cout, h, w, s, p = (shape[k] for k in ("cin", "cout", "h", "w", "stride", "padding"))
     x = torch.randn(batch, cin, h, w, generator=gen)
@@ -118,17 +119,20 @@ def bench_conv(shape: dict, batch: int, reps: int) -> dict:
     def epilogue(mean):
         return kernels.Epilogue(alpha, None, bias, None, 1.0, mean, k_weight, 0.1)
 
+    plan = kernels.PreparedConv(packed, (s, s), (p, p), "pm1", alpha, bias, shift, k_weight, 0.1, 1.0)
+    with torch.no_grad():  # the prepared calls give the general calls' values
+        general = kernels.binary_conv2d(a_words, packed, (s, s), (p, p), epilogue=epilogue(mean), channels_last=True)
+        assert torch.equal(plan.gemm(*plan.pack(x_cl), None), general)
+
     def binary():
-        words, m = kernels.pack_input(x_cl, shift, absmean=True)
-        return kernels.binary_conv2d(words, packed, (s, s), (p, p), epilogue=epilogue(m), channels_last=True)
+        return plan.gemm(*plan.pack(x_cl), None)
 
     min_time = 0.05 if batch == 1 else 0.0
     with torch.no_grad():
         fp = timeit(lambda: F.conv2d(x, weight, bias, s, p), reps, min_time)
         bn = timeit(binary, reps, min_time)
-        pk = timeit(lambda: kernels.pack_input(x_cl, shift, absmean=True), reps, min_time)
-        gemm_only = partial(kernels.binary_conv2d, a_words, packed, (s, s), (p, p), channels_last=True)
-        gemm = timeit(lambda: gemm_only(epilogue=epilogue(mean)), reps, min_time)
+        pk = timeit(lambda: plan.pack(x_cl), reps, min_time)
+        gemm = timeit(lambda: plan.gemm(a_words, mean, None), reps, min_time)
     macs = batch * cout * cin * 9 * ((h + 2 * p - 3) // s + 1) * ((w + 2 * p - 3) // s + 1)
     return {
         **shape,
