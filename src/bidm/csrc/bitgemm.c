@@ -261,12 +261,14 @@ void bidm_make_panel(const uint64_t *w, int64_t Cout, int64_t KW, uint64_t *pane
  * Micro-kernels: cnt[i][j] = sum_k popc(OP(A[i][k], P[k][j])), i < MR pixels, j < NR channels. */
 
 #if BIDM_AVX512
-/* one zmm holds the NR = 8 channels' words of tap-word k; the pixel's word is broadcast (folded into the xor) */
+/* one zmm holds the NR = 8 channels' words of tap-word k; the pixel's word is broadcast (folded into the xor). The
+ * k loop is unrolled 4x: its counter and compare otherwise take vector ports' slots (128->128 3x3, 32x32, batch 64:
+ * 7.95 -> 6.84 ms; 8x gives the same) */
 #define DEFINE_MICRO_AVX512(NAME, OP)                                                                            \
     static void NAME(const uint64_t *A, int64_t KW, const uint64_t *P, int32_t cnt[MR][NR]) {                   \
         __m512i acc[MR];                                                                                         \
         for (int i = 0; i < MR; i++) acc[i] = _mm512_setzero_si512();                                            \
-        for (int64_t k = 0; k < KW; k++) {                                                                       \
+        _Pragma("GCC unroll 4") for (int64_t k = 0; k < KW; k++) {                                               \
             const __m512i w = _mm512_loadu_si512((const void *)(P + k * NR));                                    \
             for (int i = 0; i < MR; i++) {                                                                       \
                 const __m512i a = _mm512_set1_epi64((long long)A[i * KW + k]);                                   \
