@@ -238,7 +238,8 @@ def bench_steps(cfg: UNetConfig, method: str, batches: list[int], reps: int, bf1
 
 
 def code_version() -> dict:
-    """{"commit": HEAD, "dirty": uncommitted changes to tracked files} (None where git is unavailable)."""
+    """{"commit": HEAD, "dirty": uncommitted changes to tracked files outside bench/results/} (None where git is
+    unavailable): the benches write their rows there, so a second bench into the same file is still clean code."""
 
     def git(*cmd):
         try:
@@ -246,7 +247,7 @@ def code_version() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
