@@ -427,7 +427,8 @@ DEFINE_MICRO_SCALAR(micro_and, &)
  * [B, Cout]; each may be NULL (factor 1, term 0). row_bias is the time-embedding add that follows conv1 in a UNet
  * ResBlock, in the order the block does it, so fusing it changes no float. res_up = u > 1 (res channels last only):
  * res is [B, Ho/u, Wo/u, Cout] and res[b, o, p] reads its pixel (oh/u, ow/u), the nearest-upsampled residual of a
- * UNet Upsample conv, which is then never made. K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K map computed in the tile:
+ * UNet Upsample conv, which is then never made. K is kmap [B, Ho*Wo] when given, else, when kmean is given, the K
+ * map computed in the tile:
  *   K[b, p] = sum over in-bounds taps t of kweight[t] * kmean[b, ih(p, t), iw(p, t)] + kbias
  * (XNOR/BiDM's 1-channel conv of mean_c|x| [B, H, W], same kernel, stride and zero padding as the binary conv);
  * else 1.

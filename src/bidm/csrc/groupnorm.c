@@ -222,9 +222,11 @@ static void parts_normalize(const gn_parts *in, int64_t b, int64_t p0, int64_t n
         const int64_t nq = p0 + np - q0 < PACK_BLOCK ? p0 + np - q0 : PACK_BLOCK, m = b * in->HW + q0;
         float *dst = y + m * C;
         normalize_rows(in->x1 + m * in->C1, nq, in->C1, a, a + C, silu, dst, C);
-        if (in->C2) normalize_rows(in->x2 + m * in->C2, nq, in->C2, a + in->C1, a + C + in->C1, silu, dst + in->C1, C);
+        if (in->C2)
+            normalize_rows(in->x2 + m * in->C2, nq, in->C2, a + in->C1, a + C + in->C1, silu, dst + in->C1, C);
         if (in->words)
-            bidm_pack_rows(dst, nq, C, in->pshift, in->pmode, in->words + m * Wc, in->absmean ? in->absmean + m : NULL);
+            bidm_pack_rows(dst, nq, C, in->pshift, in->pmode, in->words + m * Wc,
+                           in->absmean ? in->absmean + m : NULL);
     }
 }
 

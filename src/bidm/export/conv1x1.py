@@ -7,7 +7,7 @@ dict as the ``nn.Conv2d`` it replaces) computes it so:
 - on a `bidm.export.skip_concat.ChannelPair` (the UNet's skip concatenation, not made): two GEMMs into one output,
   ``y = h W[:, :C1]^T + skip W[:, C1:]^T + b``, always;
 - on a tensor with at most ``GEMM_MAX_ROWS`` pixels (batch 1, small images), where torch's mkldnn conv costs more
-  than the GEMM: 132 -> 212 us at 1x384x16x16 -> 256, 18 vs 32 us at 1x512x4x4 -> 256 (2 threads, AVX-512 Xeon);
+  than the GEMM: 132 vs 164 us at 1x384x16x16 -> 256, 18 vs 32 us at 1x512x4x4 -> 256 (2 threads, AVX-512 Xeon);
   at batch 64 the conv is ~10% faster, so larger inputs keep it.
 
 The weight is transposed once (``[Cin, Cout]``, contiguous) and cached until it changes. Same values as the conv up

@@ -146,14 +146,20 @@ def _plan(layer: nn.Module, c: dict) -> kernels.PreparedConv:
     return plan
 
 
+def _fused_plan(layer: nn.Module) -> tuple[kernels.PreparedConv, bool]:
+    """A fused XNOR / BiDM conv's prepared calls and whether it has BiDM's shortcut (as `xnor_conv` / `bidm_conv`)."""
+    with_shortcut = layer.fake_class is BiDMConv2d
+    return _plan(layer, constants(layer, "act_shift" if with_shortcut else None, with_shortcut)), with_shortcut
+
+
 def _conv(layer: nn.Module, x: torch.Tensor, shift: str | None, with_shortcut: bool, row_bias=None):
     c = constants(layer, shift, with_shortcut)
-    weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
     if _prepared(x):
         plan = _plan(layer, c)
         words, mean = plan.pack(x)
         res = shortcut(layer, x, plan.output_size(*x.shape[2:])) if with_shortcut else None
         return plan.gemm(words, mean, res, row_bias)
+    weight, stride, padding = layer.kernel_weight(), layer.stride, layer.packed_padding
     words, mean = kernels.pack_input(x, c["shift"], layer.a_code, absmean=True)
     out_hw = kernels.conv_output_size(*x.shape[2:], layer.kernel_size, stride, padding)
     res = shortcut(layer, x, out_hw) if with_shortcut else None
@@ -171,12 +177,11 @@ def upsampled_conv(layer: nn.Module, x: torch.Tensor, u: int) -> torch.Tensor | 
     fake = getattr(layer, "fake_class", None)
     if fake not in FUSED or not _prepared(x) or layer.stride != (1, 1):
         return None
-    with_shortcut = fake is BiDMConv2d
-    sc = layer._modules.get("shortcut") if with_shortcut else None
-    if with_shortcut and (sc is None or sc._modules.get("proj") is not None or sc.stride != 1):
+    sc = layer._modules.get("shortcut") if fake is BiDMConv2d else None
+    if fake is BiDMConv2d and (sc is None or sc._modules.get("proj") is not None or sc.stride != 1):
         return None
-    plan = _plan(layer, constants(layer, "act_shift" if with_shortcut else None, with_shortcut))
-    b, _, h, w = x.shape
+    plan, with_shortcut = _fused_plan(layer)
+    h, w = x.shape[2:]
     if plan.output_size(h * u, w * u) != (h * u, w * u):
         return None
     words, mean = plan.pack(x)
@@ -194,8 +199,7 @@ def norm_conv(layer: nn.Module, norm: nn.Module, x, row_bias: torch.Tensor | Non
     parts = (x,) if torch.is_tensor(x) else tuple(x)
     if fake not in FUSED or not getattr(norm, "takes_pairs", False) or not enabled() or not all(map(_prepared, parts)):
         return None
-    with_shortcut = fake is BiDMConv2d
-    plan = _plan(layer, constants(layer, "act_shift" if with_shortcut else None, with_shortcut))
+    plan, with_shortcut = _fused_plan(layer)
     out = packed_norm.group_norm_packed(x, norm, True, plan)
     if out is None:
         return None

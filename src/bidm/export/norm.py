@@ -36,8 +36,8 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 def group_norm(x: torch.Tensor | ChannelPair, norm: nn.GroupNorm, silu: bool = False) -> torch.Tensor:
     """``norm(x)`` (then SiLU when ``silu``) by the compiled kernel where it applies, else by torch. A `ChannelPair`
     is normalised as its concatenation, which the kernel never makes (`bidm.export.skip_concat`)."""
-    parts = tuple(x) if isinstance(x, ChannelPair) else (x,)
-    if all(_kernel_applies(t, norm.weight) for t in parts):
+    parts = _kernel_parts(x, norm)
+    if parts is not None:
         return _kernel(parts, norm, silu)
     x = x.cat() if isinstance(x, ChannelPair) else x
     y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
@@ -61,10 +61,14 @@ def group_norm_packed(x: torch.Tensor | ChannelPair, norm: nn.GroupNorm, silu: b
     """``(y, words, mean)``: ``y = norm(x)`` (+ SiLU) as `group_norm` gives it, and the binary conv ``plan``'s input
     pass of ``y`` (its packed codes and mean_c|y|, as ``plan.pack(y)``), made in the norm's pass over ``y`` while
     each block of pixels is in cache; None where the kernel does not apply."""
+    parts = _kernel_parts(x, norm)
+    return None if parts is None else _kernel(parts, norm, silu, plan)
+
+
+def _kernel_parts(x: torch.Tensor | ChannelPair, norm: nn.GroupNorm) -> tuple[torch.Tensor, ...] | None:
+    """``x`` as the kernel's one or two input tensors, or None where the kernel does not apply to them."""
     parts = tuple(x) if isinstance(x, ChannelPair) else (x,)
-    if not all(_kernel_applies(t, norm.weight) for t in parts):
-        return None
-    return _kernel(parts, norm, silu, plan)
+    return parts if all(_kernel_applies(t, norm.weight) for t in parts) else None
 
 
 def _kernel(parts: tuple[torch.Tensor, ...], norm: nn.GroupNorm, silu: bool, plan=None):
@@ -74,14 +78,14 @@ def _kernel(parts: tuple[torch.Tensor, ...], norm: nn.GroupNorm, silu: bool, pla
     y = torch.empty(b, c1 + c2, h, w, memory_format=torch.channels_last)
     weight, bias = _affine(norm)
     second = parts[1].data_ptr() if len(parts) > 1 else None
-    words = mean = None
+    pack_args: tuple = (None, 0, None, None)  # no input pass
     if plan is not None:
         words = torch.empty(b, h, w, plan.wc, dtype=torch.int64)
         mean = torch.empty(b, 1, h, w, dtype=torch.float32)
+        pack_args = (plan.shift_ptr, plan.mode, words.data_ptr(), mean.data_ptr())
     status = kernels.library().bidm_group_norm_cat_nhwc(
         parts[0].data_ptr(), c1, second, c2, b, h * w, norm.num_groups, weight, bias, norm.eps, int(silu),
-        y.data_ptr(), torch.get_num_threads(), plan.shift_ptr if plan else None, plan.mode if plan else 0,
-        words.data_ptr() if plan else None, mean.data_ptr() if plan else None,
+        y.data_ptr(), torch.get_num_threads(), *pack_args,
     )  # fmt: skip
     if status != 0:
         shape = (b, c1 + c2, h, w)
