@@ -172,12 +172,14 @@ def load_results(path: Path) -> dict:
     return {"protocol": PROTOCOL, "rows": []}
 
 
-def add_rows(path: Path, rows: list[dict], key=("method", "variant", "seed", "feature_space")) -> None:
-    """Merge ``rows`` into the committed file (a row with the same key is replaced) and write it atomically."""
+def add_rows(path: Path, rows: list[dict], key=("method", "variant", "seed", "feature_space"), *,
+             protocol: dict | None = None) -> None:  # fmt: skip
+    """Merge ``rows`` into the committed file (a row with the same key is replaced) and write it atomically;
+    ``protocol`` (default `PROTOCOL`) is what the file says its rows were scored with."""
     data = load_results(path)
     new_keys = {tuple(r.get(k) for k in key) for r in rows}
     kept = [r for r in data["rows"] if tuple(r.get(k) for k in key) not in new_keys]
-    data = {"protocol": PROTOCOL, "rows": kept + rows}
+    data = {"protocol": protocol or PROTOCOL, "rows": kept + rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")

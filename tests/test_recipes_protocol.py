@@ -160,3 +160,27 @@ def test_rows_for_reads_what_the_pipeline_writes(tmp_path):
     assert [(r["feature_space"], r["fid"], r["steps"], r["n_ref"]) for r in rows] == [
         ("inception", 90.0, 7, 40), ("domain", 9.0, 7, 40)]  # fmt: skip
     assert rows[0]["config_hash"] == P.config_hash(cfg) and rows[0]["epoch"] == P.CODE_EPOCH
+
+
+def test_eta_study_views_and_protocol_record(tmp_path):
+    """bench/eta_study.py samples a linked checkpoint in its own directory (the run's samples stay untouched; a view
+    re-pointed at another run drops the old samples) and its results file records the eta it was scored with."""
+    from bidm import checkpoint
+
+    E = _bench_module("eta_study")
+    runs = []
+    for i in range(2):
+        run = tmp_path / f"run{i}"
+        checkpoint.save(run / "checkpoint.safetensors", model={"w": torch.full((2,), float(i))}, config={}, step=i)
+        (run / "samples.npz").write_bytes(b"protocol samples")
+        runs.append(run)
+    v = E.view(runs[0], tmp_path / "view")
+    assert (v / "checkpoint.safetensors").resolve() == (runs[0] / "checkpoint.safetensors").resolve()
+    (v / "samples.npz").write_bytes(b"eta-0 samples of run0")
+    assert E.view(runs[0], tmp_path / "view") == v and (v / "samples.npz").is_file()  # same run: kept
+    E.view(runs[1], tmp_path / "view")
+    assert not (v / "samples.npz").exists() and (v / "checkpoint.safetensors").resolve().parent == runs[1]
+    assert all((r / "samples.npz").read_bytes() == b"protocol samples" for r in runs)
+    path = tmp_path / "eta0.json"
+    E.P.add_rows(path, [_row("bidm", 2, 150.0, "c")], protocol={**E.P.PROTOCOL, "eta": 0.0})
+    assert E.P.load_results(path)["protocol"]["eta"] == 0.0
