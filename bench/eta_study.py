@@ -30,16 +30,21 @@ from bidm import checkpoint  # noqa: E402
 
 
 def view(run_dir: Path, out: Path) -> Path:
-    """A directory holding only a link to ``run_dir``'s checkpoint: samples and metrics land there."""
+    """A directory holding only links to ``run_dir``'s checkpoint and config.yaml (the scorer reads the training
+    resolution from it): samples and metrics land there."""
     out.mkdir(parents=True, exist_ok=True)
     link = out / checkpoint.CKPT_NAME
     target = checkpoint.resolve(run_dir).resolve()
     if link.is_symlink() and link.resolve() != target:
         link.unlink()  # re-pointed at another run: the old samples no longer describe it
-        for stale in ("samples.npz", "samples.json", "metrics.json", "metrics.stamp.json", "summary.json"):
+        for stale in ("config.yaml", "samples.npz", "samples.json", "metrics.json", "metrics.stamp.json",
+                      "summary.json"):  # fmt: skip
             (out / stale).unlink(missing_ok=True)
     if not link.exists():
         os.symlink(target, link)
+    config = target.parent / "config.yaml"
+    if config.is_file() and not (out / "config.yaml").exists():
+        os.symlink(config, out / "config.yaml")
     return out
 
 

@@ -173,13 +173,16 @@ def test_eta_study_views_and_protocol_record(tmp_path):
         run = tmp_path / f"run{i}"
         checkpoint.save(run / "checkpoint.safetensors", model={"w": torch.full((2,), float(i))}, config={}, step=i)
         (run / "samples.npz").write_bytes(b"protocol samples")
+        (run / "config.yaml").write_text(f"data: {{size: {16 + i}}}\n")
         runs.append(run)
     v = E.view(runs[0], tmp_path / "view")
     assert (v / "checkpoint.safetensors").resolve() == (runs[0] / "checkpoint.safetensors").resolve()
+    assert "size: 16" in (v / "config.yaml").read_text()  # the scorer reads the training resolution here
     (v / "samples.npz").write_bytes(b"eta-0 samples of run0")
     assert E.view(runs[0], tmp_path / "view") == v and (v / "samples.npz").is_file()  # same run: kept
     E.view(runs[1], tmp_path / "view")
     assert not (v / "samples.npz").exists() and (v / "checkpoint.safetensors").resolve().parent == runs[1]
+    assert "size: 17" in (v / "config.yaml").read_text()
     assert all((r / "samples.npz").read_bytes() == b"protocol samples" for r in runs)
     path = tmp_path / "eta0.json"
     E.P.add_rows(path, [_row("bidm", 2, 150.0, "c")], protocol={**E.P.PROTOCOL, "eta": 0.0})
