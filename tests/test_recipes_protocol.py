@@ -187,3 +187,34 @@ def test_eta_study_views_and_protocol_record(tmp_path):
     path = tmp_path / "eta0.json"
     E.P.add_rows(path, [_row("bidm", 2, 150.0, "c")], protocol={**E.P.PROTOCOL, "eta": 0.0})
     assert E.P.load_results(path)["protocol"]["eta"] == 0.0
+
+
+def test_collect_runs_rows_and_replace(tmp_path):
+    """bench/collect_runs.py turns scored side-study runs into committed rows (lr and steps from each run's
+    config), replaces a re-collected run's row, and refuses an unscored run with the command that scores it."""
+    import json as _json
+
+    from bidm.config import save_yaml
+    from bidm.evaluate import write_metrics
+
+    C = _bench_module("collect_runs")
+    runs = []
+    for lr, fid in ((5e-4, 190.0), (2e-3, 170.0)):
+        run = tmp_path / f"bidm_lr{lr:g}"
+        run.mkdir()
+        cfg = load_config(None, ["binarize.method=bidm", f"train.lr={lr}", "train.steps=9", "train.seed=100"])
+        save_yaml(cfg, run / "config.yaml")
+        write_metrics([{"feature_space": "inception", "fid": fid, "sfid": 1.0, "precision": 0.5, "recall": 0.01,
+                        "n_samples": 20, "n_reference": 40}], run)  # fmt: skip
+        runs.append(run)
+    out = tmp_path / "lr.json"
+    C.main([str(r) for r in runs] + ["--out", str(out), "--note", "sweep"])
+    C.main([str(runs[1]), "--out", str(out)])
+    data = _json.loads(out.read_text())
+    assert data["protocol"]["note"] == "sweep"
+    assert [(r["lr"], r["steps"], r["seed"], r["fid"], r["n_ref"]) for r in data["rows"]] == [
+        (5e-4, 9, 100, 190.0, 40), (2e-3, 9, 100, 170.0, 40)]  # fmt: skip
+    assert all(r["config_hash"] and r["commit"] and r["machine"] for r in data["rows"])
+    (runs[0] / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match="bidm evaluate"):
+        C.main([str(runs[0]), "--out", str(out)])
