@@ -24,6 +24,7 @@ SECTIONS = {
     "ablation_cifar16": "variant",
     "budget_cifar16": "method",  # bench/quality.py --set train.steps=N --results bench/results/budget_cifar16.json
     "eta0_cifar16": "method",  # bench/eta_study.py --eta 0
+    "lr2e-3_cifar16": "method",  # bench/quality.py --set train.lr=2e-3 (the lr of the validation sweep)
     "ldm_cpu": "method",
 }
 GOALS = {"step": {1: 2.5, 64: 3.0}, "conv": 5.0}  # issue 12: full step / trajectory ratios per batch, per conv
@@ -154,7 +155,7 @@ def section(name: str, group: str) -> str | None:
         if floor:  # the same images decoded from their own latents, scored like the samples
             text += f"; Inception FID of those reconstructions (the decoder's floor): {', '.join(map(str, floor))}"
         text += ".\n\n"
-    if group == "method" and name in ("quality_cifar16", "budget_cifar16"):
+    if group == "method" and name in ("quality_cifar16", "budget_cifar16", "lr2e-3_cifar16"):
         text += headline(data) + "\n"
     return text + P.render_markdown(data, group)
 
