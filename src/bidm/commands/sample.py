@@ -110,6 +110,8 @@ def main(args) -> int:
               f"grid: {out / 'samples.png'}")  # fmt: skip
         print(speed_line(model, len(images), seconds))
     state.wait_for_everyone()
+    # a gloo group left alive at interpreter exit can abort a rank ("terminate called without an active exception")
+    state.destroy_process_group()
     return 0
 
 
