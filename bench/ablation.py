@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="default: 0,1,2 for vanilla and bidm, 0 for the rest")
     p.add_argument("--out", default="bench/out/quality_v2", help="run directories (shared with bench/quality.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--results", default=str(RESULTS_FILE), help="results file (rows are merged into it)")
     p.add_argument("--train-only", action="store_true", help="train the variants, score nothing")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the CPU)")
     args = p.parse_args(argv)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                 continue
             result = P.evaluate_run(run_dir, teacher_cfg, n=n, n_ref=n_ref, steps=steps, eta=eta, seed=seed)
             label = {"method": "bidm", "variant": variant, "seed": seed, "dataset": "cifar10"}
-            P.add_rows(RESULTS_FILE, P.rows_for(label, run_dir, version, result, train_s=train_s))
+            P.add_rows(Path(args.results), P.rows_for(label, run_dir, version, result, train_s=train_s))
             print(f"{variant} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     if not args.train_only:
         render_results.main([])

@@ -25,6 +25,7 @@ SECTIONS = {
     "budget_cifar16": "method",  # bench/quality.py --set train.steps=N --results bench/results/budget_cifar16.json
     "eta0_cifar16": "method",  # bench/eta_study.py --eta 0
     "lr2e-3_cifar16": "method",  # bench/quality.py --set train.lr=2e-3 (the lr of the validation sweep)
+    "ablation_lr2e-3_cifar16": "variant",  # bench/ablation.py --set train.lr=2e-3 --results (same file stem)
     "ldm_cpu": "method",
 }
 GOALS = {"step": {1: 2.5, 64: 3.0}, "conv": 5.0}  # issue 12: full step / trajectory ratios per batch, per conv
