@@ -5,6 +5,8 @@ official key names, read with weights_only=True) and a diffusers `UNet2DModel` d
 models, one training step, two DDIM steps: the whole file runs in seconds.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,9 +64,14 @@ def test_teacher_through_binarize_sample_export(tmp_path, capsys, make_teacher, 
     assert main(["sample", str(student), "--n", "3", "--steps", "2", "--batch-size", "2"]) == 0
     with np.load(student / "samples.npz") as z:
         assert z["arr_0"].shape == (3, 8, 8, 1) and z["arr_0"].dtype == np.uint8
+    record = json.loads((student / "samples.json").read_text())
+    assert record["n"] == 3 and record["steps"] == 2 and record["weights"] == "ema" and not record["packed"]
+    assert record["source"] == str(student.resolve()) and record["processes"] == 1
 
     packed = student / "packed.safetensors"
     assert main(["export", "--ckpt", str(student), "--out", str(packed)]) == 0
     assert "parity" in capsys.readouterr().out
     assert main(["sample", str(packed), "--n", "2", "--steps", "2", "--out", str(tmp_path / "packed-samples")]) == 0
     assert (tmp_path / "packed-samples" / "samples.png").is_file()
+    record = json.loads((tmp_path / "packed-samples" / "samples.json").read_text())
+    assert record["weights"] == "packed" and record["n"] == 2 and record["source"] == str(packed.resolve())

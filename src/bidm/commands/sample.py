@@ -1,7 +1,9 @@
-"""`bidm sample`: DDIM samples from a trained run (FP, binarized, or a packed export) as .npz + PNG grid."""
+"""`bidm sample`: DDIM samples from a trained run (FP, binarized, or a packed export) as .npz + PNG grid, with a
+``samples.json`` record of how they were made (source, sampler settings, weights, processes, time)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -71,6 +73,8 @@ def main(args) -> int:
     from accelerate.utils import gather_object
 
     from bidm.checkpoint import resolve
+    from bidm.config import updated
+    from bidm.fileio import atomic_write_text
     from bidm.npz_io import save_grid, save_samples_npz
     from bidm.sample import generate
 
@@ -78,7 +82,7 @@ def main(args) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())
     src = Path(args.model)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-    check_outputs([out / "samples.npz", out / "samples.png"], [resolve(src)], force=args.force)
+    check_outputs([out / "samples.npz", out / "samples.png", out / "samples.json"], [resolve(src)], force=args.force)
     model, cfg = load_any(args.model, use_ema=not args.raw)
     from bidm.export import is_packed
 
@@ -106,6 +110,9 @@ def main(args) -> int:
     if state.is_main_process:
         save_samples_npz(out / "samples.npz", images)
         save_grid(images[:64], out / "samples.png")
+        s = updated(cfg.sample, "sample", n=args.n, steps=args.steps, eta=args.eta, skip=args.skip, seed=args.seed)
+        record = provenance(src, s, n=len(images), ema=not args.raw, packed=packed, world=world, seconds=seconds)
+        atomic_write_text(out / "samples.json", json.dumps(record, indent=2))
         print(f"{len(images)} samples ({world} process{'es' if world > 1 else ''}): {out / 'samples.npz'}, "
               f"grid: {out / 'samples.png'}")  # fmt: skip
         print(speed_line(model, len(images), seconds))
@@ -113,6 +120,23 @@ def main(args) -> int:
     # a gloo group left alive at interpreter exit can abort a rank ("terminate called without an active exception")
     state.destroy_process_group()
     return 0
+
+
+def provenance(src: Path, settings, *, n: int, ema: bool, packed: bool, world: int, seconds: float) -> dict:
+    """What ``samples.json`` records: enough to remake the images (the x_T of image i depends only on the seed)."""
+    return {
+        "source": str(src.resolve()),
+        "packed": packed,
+        "weights": "packed" if packed else ("ema" if ema else "raw"),
+        "n": n,
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "skip": settings.skip,
+        "clip_x0": settings.clip_x0,
+        "seed": settings.seed,
+        "processes": world,
+        "seconds": round(seconds, 3),
+    }
 
 
 def pick_device(choice: str, state, *, packed: bool):
