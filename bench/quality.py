@@ -90,8 +90,8 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     if args.train_only:
         return 0
-    if results.resolve() == RESULTS_FILE.resolve():
-        render_results.main([])
+    if results.resolve().parent == P.RESULTS.resolve() and results.stem in render_results.SECTIONS:
+        render_results.main([])  # a committed file with its own RESULTS.md section (Table 1, budget, lr, ...)
     else:
         print(P.render_markdown(P.load_results(results)))
     return 0
