@@ -1,4 +1,4 @@
-"""The paper's BiDM ablation (Tables 3, 5, 7) on protocol v2 (bench/protocol.py), at CPU scale.
+"""The paper's BiDM ablation (Tables 3, 5, 7) on protocol v3 (bench/protocol.py; ``--protocol v2``), at CPU scale.
 
 Every variant is the ``bidm`` method under configs/recipes/cpu_cifar16.yaml with some components switched off:
 
@@ -18,7 +18,8 @@ Every variant is the ``bidm`` method under configs/recipes/cpu_cifar16.yaml with
     bidm-ldm-shortcut  the shortcut scale of the paper / LDM code (|s|, init 0.3) instead of the CIFAR code's (s, 0)
     bidm+res1 the shortcut scale starting at 1 (a unit FP residual around every binary conv, as BBCU's)
 
-Rows go to bench/results/ablation_cifar16.json (field ``variant``) and bench/RESULTS.md. Seeds: 3 for vanilla and
+Rows go to the protocol's file (v3: bench/results/ablation_v3_cifar16.json, v2: ablation_cifar16.json; field
+``variant``) and bench/RESULTS.md. Seeds: 3 for vanilla and
 bidm, 1 for the rest. Runs in parts with ``--variants`` / ``--seeds``; the full ``bidm`` variant's run directory
 is shared with bench/quality.py (same config), so it is trained once.
 
@@ -64,7 +65,6 @@ VARIANTS = {
     "bidm-spd3e-2+kd": ["binarize.spd_lambda=3e-2", "binarize.output_kd=1.0"],
 }  # fmt: skip
 THREE_SEEDS = ("vanilla", "bidm")
-RESULTS_FILE = P.RESULTS / "ablation_cifar16.json"
 
 
 def main(argv=None) -> int:
@@ -73,16 +73,20 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="bench/teachers/cifar16", help="teacher run dir (committed)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default=None, help="default: 0,1,2 for vanilla and bidm, 0 for the rest")
-    p.add_argument("--out", default="bench/out/quality_v2", help="run directories (shared with bench/quality.py)")
+    p.add_argument("--protocol", default="v3", help="v3 (default, lr 2e-3) or v2 (lr 5e-4)")
+    p.add_argument("--out", default=None, help="run directories (default: the protocol's, shared with quality.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--results", default=str(RESULTS_FILE), help="results file (rows are merged into it)")
+    p.add_argument("--results", default=None, help="results file (default: the protocol's; rows are merged in)")
     p.add_argument("--train-only", action="store_true", help="train the variants, score nothing")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the CPU)")
     args = p.parse_args(argv)
+    proto = P.get_protocol(args.protocol)
+    results = Path(args.results or P.RESULTS / f"{proto['ablation_results']}.json")
+    P.check_results_file(results, proto)
     version = P.code_version()  # the code this process runs
     torch.set_num_threads(args.threads)
     teacher_dir, teacher_cfg = P.run_teacher(args.data_path, args.teacher)
-    n, n_ref, steps, eta = (P.PROTOCOL[k] for k in ("n_samples", "n_ref", "sample_steps", "eta"))
+    n, n_ref, steps, eta = (proto[k] for k in ("n_samples", "n_ref", "sample_steps", "eta"))
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
@@ -90,14 +94,14 @@ def main(argv=None) -> int:
         for seed in seeds:
             t0 = time.perf_counter()
             name = "bidm" if variant == "bidm" else f"ablation_{variant.replace('+', 'p')}"
-            cfg = P.student(teacher_dir, "bidm", seed, Path(args.out) / f"{name}_s{seed}", args.data_path,
-                            [*VARIANTS[variant], *args.overrides])  # fmt: skip
+            cfg = P.student(teacher_dir, "bidm", seed, Path(args.out or proto["out"]) / f"{name}_s{seed}",
+                            args.data_path, [*VARIANTS[variant], *args.overrides], protocol=proto)  # fmt: skip
             run_dir, train_s = P.train_student(cfg)
             if args.train_only:
                 continue
             result = P.evaluate_run(run_dir, teacher_cfg, n=n, n_ref=n_ref, steps=steps, eta=eta, seed=seed)
             label = {"method": "bidm", "variant": variant, "seed": seed, "dataset": "cifar10"}
-            P.add_rows(Path(args.results), P.rows_for(label, run_dir, version, result, train_s=train_s))
+            P.add_rows(results, P.rows_for(label, run_dir, version, result, train_s=train_s), protocol=proto)
             print(f"{variant} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     if not args.train_only:
         render_results.main([])

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="bench/teachers/cifar16")
     p.add_argument("--out", default="bench/out/eta_study")
     p.add_argument("--results", default=None, help="default: bench/results/eta{ETA}_cifar16.json")
+    p.add_argument("--protocol", default="v2", help="the protocol the runs were trained under (default v2, the "
+                   "committed eta-0 rows' runs)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,7 +67,9 @@ def main(argv=None) -> int:
         raise SystemExit("each run is NAME=RUN_DIR")
     tag = f"eta{args.eta:g}"
     results = Path(args.results or P.RESULTS / f"{tag}_cifar16.json")
-    protocol = {**P.PROTOCOL, "name": f"{P.PROTOCOL['name']}-{tag}", "eta": args.eta}
+    base = P.get_protocol(args.protocol)
+    protocol = {**base, "name": f"{base['name']}-{tag}", "eta": args.eta}
+    P.check_results_file(results, protocol)
     teacher_cfg = P.teacher_config(args.data_path, args.teacher)
     version = P.code_version()
     for name, run in pairs:

@@ -1,12 +1,13 @@
 """The CPU-scale quality protocol shared by bench/quality.py and bench/ablation.py, and its committed results.
 
-Protocol v2 (``PROTOCOL``): one FP teacher (configs/cifar16_teacher.yaml, CIFAR-10 at 16x16, seed 0, trained
-once; its EMA weights are committed as bench/teachers/cifar16, so every machine scores students of one teacher);
-every student is that teacher binarized and trained with configs/recipes/cpu_cifar16.yaml (the same budget, batch,
-optimizer and lr for every method); seed s sets the student's new parameters, its data order and the x_T of its
-samples. Each model draws ``n_samples`` images with DDIM and is scored with the standard Inception network against
-a fixed random subset of ``n_ref`` CIFAR-10 training images (FID, sFID, precision, recall), plus the domain feature
-space as a secondary column.
+Protocols v2 and v3 (``PROTOCOLS``; v3 = ``PROTOCOL`` is the default): one FP teacher (configs/cifar16_teacher.yaml,
+CIFAR-10 at 16x16, seed 0, trained once; its EMA weights are committed as bench/teachers/cifar16, so every machine
+scores students of one teacher); every student is that teacher binarized and trained with
+configs/recipes/cpu_cifar16.yaml (the same budget, batch, optimizer and lr for every method); seed s sets the
+student's new parameters, its data order and the x_T of its samples. v3 differs from v2 only in the recipe's lr (2e-3,
+chosen on validation seed 100; v2 keeps 5e-4 as an override). Each model draws ``n_samples`` images with DDIM and is
+scored with the standard Inception network against a fixed random subset of ``n_ref`` CIFAR-10 training images (FID,
+sFID, precision, recall), plus the domain feature space as a secondary column.
 
 Results outlive the machine: each finished model appends its rows to a committed JSON file
 (``{"protocol": {...}, "rows": [...]}``) with the git commit of the code that trained it, whether the tree was
@@ -42,8 +43,7 @@ from bidm.qat import resolve_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PROTOCOL = {
-    "name": "cifar16-v2",
+_CIFAR16 = {
     "dataset": "CIFAR-10 train, 16x16 (shared/data/cifar10, decoded from JPEG)",
     "teacher_config": "configs/cifar16_teacher.yaml",
     "recipe": "configs/recipes/cpu_cifar16.yaml",
@@ -54,6 +54,28 @@ PROTOCOL = {
     "clip_x0": True,
     "features": ["inception", "domain"],
 }
+# v2 = the recipe with the lr it inherited from protocol v1 (5e-4); v3 = the recipe's lr chosen on validation seed
+# 100 (2e-3, docs/FIDELITY.md "lr validation"), nothing else changed. Each protocol owns its results files, so a
+# table never mixes the two; `student_overrides` are applied on top of the recipe.
+PROTOCOLS = {
+    "cifar16-v2": {"name": "cifar16-v2", **_CIFAR16, "student_overrides": ["train.lr=5e-4"],
+                   "results": "quality_cifar16", "ablation_results": "ablation_cifar16",
+                   "out": "bench/out/quality_v2"},
+    "cifar16-v3": {"name": "cifar16-v3", **_CIFAR16, "student_overrides": [],
+                   "results": "quality_v3_cifar16", "ablation_results": "ablation_v3_cifar16",
+                   "out": "bench/out/quality_v3"},
+}  # fmt: skip
+PROTOCOL = PROTOCOLS["cifar16-v3"]  # the default of bench/quality.py and bench/ablation.py
+
+
+def get_protocol(name: str) -> dict:
+    """`PROTOCOLS[name]`; ``v2`` / ``v3`` are accepted for ``cifar16-v2`` / ``cifar16-v3``."""
+    key = name if name in PROTOCOLS else f"cifar16-{name}"
+    if key not in PROTOCOLS:
+        raise SystemExit(f"unknown protocol {name!r}; expected one of {list(PROTOCOLS)}")
+    return PROTOCOLS[key]
+
+
 # The code epoch: bump it in the commit that changes what a trained model or a score would be (a binarizer, TBS,
 # SPD, the training loop, the sampler, the metrics, the recipe). Rows of an older epoch are shown as stale; the
 # commit in each row says exactly which code produced it. Epoch 1 = the first protocol-v2 code.
@@ -116,9 +138,12 @@ def teacher_config(data_path: str, teacher_dir: str, extra=()) -> Config:
     return load_config(ROOT / PROTOCOL["teacher_config"], [f"out_dir={teacher_dir}", f"data.path={data_path}", *extra])
 
 
-def student(teacher_dir: Path, method: str, seed: int, out_dir: Path, data_path: str, extra=()) -> Config:
-    """The protocol's student config: teacher sections <- recipe <- seed <- ``extra`` overrides."""
-    overrides = [f"train.seed={seed}", f"sample.seed={seed}", f"data.path={data_path}", *extra]
+def student(teacher_dir: Path, method: str, seed: int, out_dir: Path, data_path: str, extra=(), *,
+            protocol: dict | None = None) -> Config:  # fmt: skip
+    """The protocol's student config: teacher sections <- recipe <- the protocol's overrides <- seed <- ``extra``."""
+    proto = protocol or PROTOCOL
+    overrides = [*proto.get("student_overrides", []), f"train.seed={seed}", f"sample.seed={seed}",
+                 f"data.path={data_path}", *extra]  # fmt: skip
     return student_config(teacher_dir, method, out_dir, overrides, recipe=ROOT / PROTOCOL["recipe"])
 
 
@@ -172,14 +197,26 @@ def load_results(path: Path) -> dict:
     return {"protocol": PROTOCOL, "rows": []}
 
 
+def check_results_file(path: Path, protocol: dict) -> None:
+    """Refuse a results file that holds another protocol's rows (call it before training, and on every write)."""
+    if not path.is_file():
+        return
+    held = load_results(path).get("protocol", {}).get("name")
+    if held != protocol["name"]:
+        raise SystemExit(f"{path} holds protocol {held!r} rows; these would be {protocol['name']!r} (give them "
+                         "their own --results file, or pick the file's --protocol)")  # fmt: skip
+
+
 def add_rows(path: Path, rows: list[dict], key=("method", "variant", "seed", "feature_space"), *,
              protocol: dict | None = None) -> None:  # fmt: skip
     """Merge ``rows`` into the committed file (a row with the same key is replaced) and write it atomically;
     ``protocol`` (default `PROTOCOL`) is what the file says its rows were scored with."""
+    protocol = protocol or PROTOCOL
+    check_results_file(path, protocol)
     data = load_results(path)
     new_keys = {tuple(r.get(k) for k in key) for r in rows}
     kept = [r for r in data["rows"] if tuple(r.get(k) for k in key) not in new_keys]
-    data = {"protocol": protocol or PROTOCOL, "rows": kept + rows}
+    data = {"protocol": protocol, "rows": kept + rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")

@@ -20,12 +20,12 @@ from bidm import METHODS  # noqa: E402
 
 RESULTS_MD = P.ROOT / "bench" / "RESULTS.md"
 SECTIONS = {
-    "quality_cifar16": "method",
-    "ablation_cifar16": "variant",
+    "quality_v3_cifar16": "method",  # bench/quality.py (protocol v3, the default)
+    "ablation_v3_cifar16": "variant",  # bench/ablation.py
+    "quality_cifar16": "method",  # bench/quality.py --protocol v2 (lr 5e-4)
+    "ablation_cifar16": "variant",  # bench/ablation.py --protocol v2
     "budget_cifar16": "method",  # bench/quality.py --set train.steps=N --results bench/results/budget_cifar16.json
     "eta0_cifar16": "method",  # bench/eta_study.py --eta 0
-    "lr2e-3_cifar16": "method",  # bench/quality.py --set train.lr=2e-3 (the lr of the validation sweep)
-    "ablation_lr2e-3_cifar16": "variant",  # bench/ablation.py --set train.lr=2e-3 --results (same file stem)
     "ldm_cpu": "method",
 }
 GOALS = {"step": {1: 2.5, 64: 3.0}, "conv": 5.0}  # issue 12: full step / trajectory ratios per batch, per conv
@@ -140,10 +140,13 @@ def section(name: str, group: str) -> str | None:
     proto = data["protocol"]
     rows = data["rows"]
     fresh = [r for r in rows if r["feature_space"] == "inception"]
+    extra = proto.get("student_overrides") or []
+    overrides = " + " + " ".join(f"`{o}`" for o in extra) if extra else ""
     machines = sorted({r["machine"] for r in fresh})
     text = (
         f"Protocol `{proto['name']}`: {proto['dataset']}; teacher `{proto['teacher_config']}`, students "
-        f"`{proto['recipe']}`; {proto['n_samples']} samples per model, DDIM {proto['sample_steps']} steps (eta "
+        f"`{proto['recipe']}`{overrides}; {proto['n_samples']} samples per model, DDIM {proto['sample_steps']} "
+        f"steps (eta "
         f"{proto['eta']}{', x0 clipped' if proto.get('clip_x0', True) else ''}), Inception FID/sFID/precision/recall "
         f"against {proto['n_ref']} training "
         f"images; domain FID = the small CNN feature space (secondary). mean ± sample std over seeds. "
@@ -156,7 +159,7 @@ def section(name: str, group: str) -> str | None:
         if floor:  # the same images decoded from their own latents, scored like the samples
             text += f"; Inception FID of those reconstructions (the decoder's floor): {', '.join(map(str, floor))}"
         text += ".\n\n"
-    if group == "method" and name in ("quality_cifar16", "budget_cifar16", "lr2e-3_cifar16"):
+    if group == "method" and name in ("quality_v3_cifar16", "quality_cifar16", "budget_cifar16"):
         text += headline(data) + "\n"
     return text + P.render_markdown(data, group)
 

@@ -141,6 +141,33 @@ def test_results_merge_render_and_stale(tmp_path):
     assert m == 1.0 and math.isnan(s)
 
 
+def test_protocols_v2_v3_differ_in_lr_only_and_keep_their_files_apart(tmp_path):
+    """v3 = the recipe (validated lr 2e-3); v2 = the recipe + train.lr=5e-4; a results file refuses the other's rows
+    before anything trains."""
+    from bidm.config import to_dict
+    from bidm.qat import resolve_recipe
+
+    P = _bench_module("protocol")
+    assert P.PROTOCOL is P.PROTOCOLS["cifar16-v3"] and P.get_protocol("v2") is P.PROTOCOLS["cifar16-v2"]
+    with pytest.raises(SystemExit, match="unknown protocol"):
+        P.get_protocol("v9")
+    teacher = ROOT / "bench/teachers/cifar16"  # the committed teacher run
+    cfgs = {v: resolve_recipe(P.student(teacher, "bidm", 3, tmp_path / v, "d.npz", protocol=P.get_protocol(v)))
+            for v in ("v2", "v3")}  # fmt: skip
+    assert (cfgs["v2"].train.lr, cfgs["v3"].train.lr) == (5e-4, 2e-3)
+    d2, d3 = to_dict(cfgs["v2"]), to_dict(cfgs["v3"])
+    for d in (d2, d3):
+        d.pop("out_dir")
+        d["train"].pop("lr")
+    assert d2 == d3 and cfgs["v3"].train.seed == 3
+    path = tmp_path / "v3.json"
+    P.add_rows(path, [_row("bidm", 0, 20.0, "c")], protocol=P.get_protocol("v3"))
+    P.check_results_file(path, P.get_protocol("v3"))  # its own protocol: fine
+    with pytest.raises(SystemExit, match="holds protocol 'cifar16-v3' rows"):
+        P.add_rows(path, [_row("bidm", 1, 21.0, "c")], protocol=P.get_protocol("v2"))
+    assert len(P.load_results(path)["rows"]) == 1  # nothing written
+
+
 def test_rows_for_reads_what_the_pipeline_writes(tmp_path):
     import json as _json
 
