@@ -20,12 +20,17 @@ def test_ranking_sentence_with_and_without_spread(tmp_path):
     spread["fid"]["xnor"] = [20.0, 24.0, 16.0]  # std 4: gap 5 < 8
     assert "within twice the seed spread" in ranking_sentence(rows, spread)
     assert "no ranking" in ranking_sentence(_rows(fp32=3.0, xnor=20.0), None)
+    spread["by_seed"] = {"bidm": {0: 15.0, 1: 16.0, 2: 25.0}, "xnor": {0: 20.0, 1: 24.0, 2: 16.0}}
+    text = ranking_sentence(rows, spread)
+    assert "Over those seeds bidm scores 18.67 ± 5.51 against 20.00 ± 4.00 and is lower on 2 of 3." in text
 
 
 def test_load_spread_matches_settings(tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"settings": {"a": 1}, "commit": "c", "rows": [{"method": "xnor", "fid": 2.0}]}))
     assert load_spread(path, {"a": 1})["fid"] == {"xnor": [2.0]}
+    path.write_text(json.dumps({"settings": {"a": 1}, "rows": [{"method": "xnor", "seed": 4, "fid": 2.0}]}))
+    assert load_spread(path, {"a": 1})["by_seed"] == {"xnor": {4: 2.0}}
     assert load_spread(path, {"a": 2}) is None  # other settings: not this demo's spread
     assert load_spread(tmp_path / "missing.json", {"a": 1}) is None
 

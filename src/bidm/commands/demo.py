@@ -169,9 +169,11 @@ def load_spread(path, current: dict) -> dict | None:
     data = json.loads(path.read_text())
     if data.get("settings") != current:
         return None
-    out: dict = {"file": str(path), "commit": data.get("commit"), "fid": {}}
+    out: dict = {"file": str(path), "commit": data.get("commit"), "fid": {}, "by_seed": {}}
     for row in data["rows"]:
         out["fid"].setdefault(row["method"], []).append(row["fid"])
+        if "seed" in row:
+            out["by_seed"].setdefault(row["method"], {})[row["seed"]] = row["fid"]
     return out
 
 
@@ -195,10 +197,20 @@ def ranking_sentence(rows: list[dict], spread: dict | None) -> str:
     sd = max(stds)
     verdict = "larger than" if second_fid - best_fid > 2 * sd else "within"
     n = min(len(spread["fid"].get(m, [])) for m in (best, second))
-    return (
-        text + f"; the seed std of this setting is {sd:.2f} ({n} seeds, `{spread['file']}`), so the gap is "
+    text += (
+        f"; the seed std of this setting is {sd:.2f} ({n} seeds, `{spread['file']}`), so the gap is "
         f"{verdict} twice the seed spread."
     )
+    seeds = {m: spread.get("by_seed", {}).get(m, {}) for m in (best, second)}
+    common = sorted(set(seeds[best]) & set(seeds[second]))
+    if len(common) >= 2:  # the committed seeds themselves: means, and how often this run's winner won
+        (mb, sb), (ms, ss) = (mean_std([seeds[m][k] for k in common]) for m in (best, second))
+        wins = sum(seeds[best][k] < seeds[second][k] for k in common)
+        text += (
+            f" Over those seeds {best} scores {mb:.2f} ± {sb:.2f} against {ms:.2f} ± {ss:.2f} and is lower on "
+            f"{wins} of {len(common)}."
+        )
+    return text
 
 
 def _export_section(runs: dict, methods: list[str]) -> str:
