@@ -25,6 +25,7 @@ SECTIONS = {
     "quality_cifar16": "method",  # bench/quality.py --protocol v2 (lr 5e-4)
     "ablation_cifar16": "variant",  # bench/ablation.py --protocol v2
     "budget_cifar16": "method",  # bench/quality.py --set train.steps=N --results bench/results/budget_cifar16.json
+    "budget_v3_cifar16": "method",  # the same at protocol v3 (--protocol v3, bench/results/budget_v3_cifar16.json)
     "eta0_cifar16": "method",  # bench/eta_study.py --eta 0
     "ldm_cpu": "method",
 }
