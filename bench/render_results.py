@@ -160,7 +160,7 @@ def section(name: str, group: str) -> str | None:
         if floor:  # the same images decoded from their own latents, scored like the samples
             text += f"; Inception FID of those reconstructions (the decoder's floor): {', '.join(map(str, floor))}"
         text += ".\n\n"
-    if group == "method" and name in ("quality_v3_cifar16", "quality_cifar16", "budget_cifar16"):
+    if group == "method" and name.startswith(("quality", "budget")):  # Table 1 and its budget studies
         text += headline(data) + "\n"
     return text + P.render_markdown(data, group)
 
