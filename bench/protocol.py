@@ -147,13 +147,16 @@ def student(teacher_dir: Path, method: str, seed: int, out_dir: Path, data_path:
     return student_config(teacher_dir, method, out_dir, overrides, recipe=ROOT / PROTOCOL["recipe"])
 
 
-def evaluate_run(run_dir: Path, cfg: Config, *, n: int, n_ref: int, steps: int, eta: float, seed: int) -> dict:
-    """Samples + efficiency summary + metrics of one run; returns {"metrics": ..., "summary": ..., "seconds": ...}."""
+def evaluate_run(run_dir: Path, cfg: Config, *, n: int, n_ref: int, steps: int, eta: float, seed: int,
+                 features: list[str] | None = None) -> dict:  # fmt: skip
+    """Samples + efficiency summary + metrics of one run; returns {"metrics": ..., "summary": ..., "seconds": ...}.
+    ``features``: the feature spaces (default the protocol's)."""
     t0 = time.perf_counter()
     ensure_samples(run_dir, n=n, steps=steps, eta=eta, clip_x0=PROTOCOL["clip_x0"], seed=seed, batch_size=250)
     t1 = time.perf_counter()
     summary = ensure_summary(run_dir)
-    metrics = ensure_metrics(run_dir, cfg, feature_spaces={s: n for s in PROTOCOL["features"]}, n_ref=n_ref)
+    spaces = {s: n for s in (features or PROTOCOL["features"])}
+    metrics = ensure_metrics(run_dir, cfg, feature_spaces=spaces, n_ref=n_ref)
     return {"metrics": metrics, "summary": summary, "sample_s": t1 - t0, "score_s": time.perf_counter() - t1}
 
 

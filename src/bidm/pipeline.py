@@ -57,9 +57,19 @@ def student_config(
 
 
 def ensure_samples(
-    run_dir: Path, *, n: int, steps: int, eta: float, clip_x0: bool, seed: int = 0, batch_size: int = 256
+    run_dir: Path,
+    *,
+    n: int,
+    steps: int,
+    eta: float,
+    clip_x0: bool,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | None = None,
 ) -> Path:
-    """``samples.npz`` (+ ``samples.png``) of the run's EMA model from the fixed x_T of ``seed``."""
+    """``samples.npz`` (+ ``samples.png``) of the run's EMA model from the fixed x_T of ``seed``, sampled on
+    ``device`` (default: the CPU). The x_T and the per-step noise are drawn on the CPU, so a device changes only
+    the arithmetic, not the noise."""
     from bidm.models import load_model
     from bidm.npz_io import save_grid, save_samples_npz
     from bidm.sample import generate
@@ -71,6 +81,8 @@ def ensure_samples(
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return out
     model, cfg = load_model(run_dir)
+    if device is not None:
+        model.to(device)
     images = generate(model, cfg, n=n, steps=steps, eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size)
     save_samples_npz(out, images)
     save_grid(images[:64], run_dir / "samples.png")
