@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol as P  # noqa: E402
+import render_results  # noqa: E402
 
 from bidm import checkpoint  # noqa: E402
 from bidm.config import from_dict  # noqa: E402
@@ -211,7 +212,10 @@ def score(args) -> int:
         inc = result["metrics"]["by_space"].get("inception") or next(iter(result["metrics"]["by_space"].values()))
         print(f"{man['run']} ({rows[0]['steps']} steps, {man['machine']}): FID {inc['fid']:.2f} "
               f"recall {inc['recall']:.4f} (scored in {time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    print(P.render_markdown(P.load_results(results)))
+    if results.resolve().parent == P.RESULTS.resolve() and results.stem in render_results.SECTIONS:
+        render_results.main([])  # a committed file with its own bench/RESULTS.md section
+    else:
+        print(P.render_markdown(P.load_results(results)))
     return 0
 
 

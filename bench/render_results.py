@@ -26,6 +26,7 @@ SECTIONS = {
     "ablation_cifar16": "variant",  # bench/ablation.py --protocol v2
     "budget_cifar16": "method",  # bench/quality.py --set train.steps=N --results bench/results/budget_cifar16.json
     "budget_v3_cifar16": "method",  # the same at protocol v3 (--protocol v3, bench/results/budget_v3_cifar16.json)
+    "budget_device_cifar16": "method",  # bench/device_budget.py score (trained and sampled on a lent GPU)
     "eta0_cifar16": "method",  # bench/eta_study.py --eta 0
     "ldm_cpu": "method",
 }
