@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol as P  # noqa: E402
 import render_results  # noqa: E402
+from gpu import step_time  # noqa: E402
 
 from bidm import checkpoint  # noqa: E402
 from bidm.config import from_dict  # noqa: E402
@@ -106,8 +107,7 @@ def check_deadline(args, proto: dict, runs: list[tuple[str, int]], data: Path, w
         overrides = ["train.device=auto", *args.overrides, f"train.steps={args.calibrate_steps}",
                      f"train.log_every={max(args.calibrate_steps // 5, 1)}"]  # fmt: skip
         P.train_student(student_cfg(args, proto, method, 0, run_dir, str(data), overrides))
-        times = [json.loads(line)["step_time_s"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
-        per_step[method] = float(np.median(times[1:] if len(times) > 1 else times))
+        per_step[method] = step_time(run_dir)
     estimate = sum(steps * per_step[m] for m, _ in runs)
     print(
         "calibration: "
